@@ -73,23 +73,10 @@ def _cmd_weights_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_weights_download(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from . import weights
 
-    bar: list[tqdm] = []
-
-    def progress(done: int, total: int | None) -> None:
-        if not bar:
-            bar.append(tqdm(total=total, unit="B", unit_scale=True, desc=args.name))
-        bar[0].n = done
-        bar[0].refresh()
-
-    try:
+    with weights.tqdm_progress(args.name) as progress:
         path = weights.download_weights(args.name, progress=progress)
-    finally:
-        if bar:
-            bar[0].close()
     print(f"{args.name}: {path}")
     return 0
 

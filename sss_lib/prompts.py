@@ -101,10 +101,9 @@ class ClassPrompts:
 
     def fingerprint(self) -> str:
         """A hash of everything that changes the class's segmentation (not name or colour)."""
-        payload = json.dumps(
-            [self.label, [_prompt_to_json(p) for p in sorted(self.prompts, key=lambda p: p.key_slice)]],
-            sort_keys=True,
-        )
+        # Rounded to 1/1000 px so a physical-coordinate round trip does not count as an edit.
+        prompts = [_prompt_to_json(p) for p in sorted(self.prompts, key=lambda p: p.key_slice)]
+        payload = json.dumps([self.label, _rounded(prompts)], sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -216,6 +215,16 @@ class PromptSet:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise InputError(path, f"not valid JSON ({e})") from None
         return cls.from_json(data, volume, source=str(path))
+
+
+def _rounded(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return round(obj, 3) + 0.0  # + 0.0 turns -0.0 into 0.0
+    if isinstance(obj, dict):
+        return {k: _rounded(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_rounded(v) for v in obj]
+    return obj
 
 
 def _prompt_to_json(p: SlicePrompt) -> dict[str, Any]:
