@@ -48,7 +48,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     try:
         result = segment_file(
             args.image, args.prompts, args.output, backbone=args.backbone, device=args.device,
-            frame=args.frame, preprocessing=prep, progress=update,
+            frame=args.frame, series_uid=args.series_uid, preprocessing=prep, progress=update,
         )
     finally:
         close()
@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="network; auto = a cached SAM-2.1 checkpoint, else LiteMedSAM (default: auto)")
     seg.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     seg.add_argument("--frame", type=int, default=None, help="frame of a 4D image to segment")
+    seg.add_argument("--series-uid", default=None, help="DICOM series to read from a folder holding several")
     seg.add_argument("--modality", default="auto", choices=["auto", "CT", "MR", "other"],
                      help="intensity rule: CT window or MR percentiles (default: guessed)")
     seg.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"), help="CT window in HU")

@@ -63,8 +63,7 @@ def run_demo(out_dir: str | Path = "out/demo", *, device: str = "auto", backbone
     from .engine import SegmentationSession
     from .metrics import dice
     from .overlay import render_slice_png
-    from .segment_file import write_volume_atomic
-    from .volume_io import read_label, read_volume
+    from .volume_io import read_label, read_volume, write_volume
 
     data = sample_data_dir()
     image = read_volume(data / "lung1_crop_image.nrrd")
@@ -75,7 +74,7 @@ def run_demo(out_dir: str | Path = "out/demo", *, device: str = "auto", backbone
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    label_path = write_volume_atomic(result.labels, out / "lung1_tumour_seg.nrrd")
+    label_path = write_volume(result.labels, out / "lung1_tumour_seg.nrrd")
     prompts_path = out / "lung1_prompts.json"
     prompts.save(prompts_path, image, coordinates="physical")
     key = prompts.classes[0].prompts[0].key_slice

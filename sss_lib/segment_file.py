@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -17,25 +15,6 @@ from .volume import Volume
 log = logging.getLogger(__name__)
 
 
-def write_volume_atomic(volume: Volume, path: str | Path) -> Path:
-    """Write ``volume`` so that ``path`` is either the old file or the complete new one, never half."""
-    from .volume_io import write_volume
-
-    path = Path(path)
-    if path.parent and not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write_volume(volume, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def segment_file(
     image: str | Path,
     prompts: str | Path,
@@ -44,6 +23,7 @@ def segment_file(
     backbone: str = "auto",
     device: str = "auto",
     frame: int | None = None,
+    series_uid: str | None = None,
     preprocessing: Preprocessing | None = None,
     progress: Callable[[EngineEvent], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
@@ -53,16 +33,16 @@ def segment_file(
     The output has the input's exact grid. A cancelled or failed run leaves ``output`` untouched.
     """
     from .backbones.registry import build_backbone
-    from .volume_io import read_volume
+    from .volume_io import read_volume, write_volume
 
     output = Path(output)
     if output.is_dir():
         raise InputError(output, "is a folder", "Give a file name such as seg.nii.gz or seg.nrrd.")
-    volume = read_volume(image, frame=frame)
+    volume = read_volume(image, frame=frame, series_uid=series_uid)
     prompt_set = PromptSet.load(prompts, volume)
     net = build_backbone(backbone, device=device)
     session = SegmentationSession(volume, net, slice_axis=prompt_set.slice_axis, preprocessing=preprocessing)
     result = session.segment(prompt_set, progress=progress, should_cancel=should_cancel)
-    write_volume_atomic(result.labels, output)
+    write_volume(result.labels, output)  # atomic: temp file + rename
     log.info("wrote %s", output)
     return result
