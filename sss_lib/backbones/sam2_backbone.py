@@ -1,0 +1,326 @@
+"""SAM-2.1 (hiera tiny / small / base+ / large) as a :class:`~.base.Backbone`, fed from memory.
+
+Slices are embedded one at a time by :meth:`Sam2Backbone.embed_slice` (the engine caches the
+result); :meth:`Sam2Backbone.propagate` runs SAM-2's video memory over the slice stack with every
+class as one SAM-2 object (object id = class label), reading features only from the cache.
+
+Propagation, per call (all state is local to the call):
+    1. every key-slice prompt of every object is added (XYXY box, positive XY points label 1,
+       negative XY points label 0);
+    2. a forward sweep starts at the earliest key slice; each object joins at its own earliest key
+       slice and is tracked towards the last slice;
+    3. a backward sweep starts at the latest key slice; each object joins at its own latest key slice
+       and is tracked towards slice 0, so between an object's key slices the backward result is
+       the later (winning) one;
+    4. beyond an object's outermost key slice in the sweep direction, the object has *ended* once
+       its mask has been empty (every logit <= 0, or SAM-2's object score < 0) on
+       ``stop_after_empty`` consecutive slices; it is left out of later steps of that sweep, and the
+       sweep stops when every object has ended.
+    A slice where no object is being tracked is not yielded. A step's dict holds only the objects
+    tracked on that slice in that sweep: merge steps per label (later wins), never per slice.
+
+This module imports no torch at import time; :mod:`.sam2_predictor` (torch + sam2) is imported when
+a model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import PromptError, WeightsError
+from ..prompts import SlicePrompt
+from .base import Backbone, EmbeddingLookup, PropagationStep
+
+if TYPE_CHECKING:
+    import torch
+
+    from .sam2_predictor import InMemoryVideoPredictor
+
+log = logging.getLogger(__name__)
+
+#: registry name -> hydra config inside the installed ``sam2`` package.
+SAM2_CONFIGS: dict[str, str] = {
+    "sam2.1_hiera_tiny": "configs/sam2.1/sam2.1_hiera_t.yaml",
+    "sam2.1_hiera_small": "configs/sam2.1/sam2.1_hiera_s.yaml",
+    "sam2.1_hiera_base_plus": "configs/sam2.1/sam2.1_hiera_b+.yaml",
+    "sam2.1_hiera_large": "configs/sam2.1/sam2.1_hiera_l.yaml",
+}
+DEFAULT_IMAGE_SIZE = 1024
+# The Hiera trunk halves the map 5 times (stride 32) and the FPN adds the stride-32 map, upsampled
+# x2, to the stride-16 map: both must have integer sizes.
+_SIZE_MULTIPLE = 32
+_MIN_IMAGE_SIZE = 64
+_RANDOM_INIT_SEED = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Sam2Embedding:
+    """One slice's SAM-2 image features (what :meth:`Sam2Backbone.propagate` needs).
+
+    Attributes:
+        features: the FPN levels, high to low resolution, each ``(1, C_l, h_l, w_l)`` on the model's
+            device, detached: ``(1, 32, s/4, s/4)``, ``(1, 64, s/8, s/8)`` and ``(1, 256, s/16, s/16)``
+            for ``s = image_size`` (the first two already projected by the mask decoder's
+            ``conv_s0`` / ``conv_s1``). bf16 where computed under CUDA autocast, else float32.
+            Positional encodings are not stored: they are the same for every slice.
+        image_size: the network input side ``s`` they were computed at.
+    """
+
+    features: tuple["torch.Tensor", ...]
+    image_size: int
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the features, in bytes."""
+        return sum(f.numel() * f.element_size() for f in self.features)
+
+
+class Sam2Backbone(Backbone):
+    """SAM-2.1 with its video memory; see the module docstring for how propagation runs.
+
+    Build one with :func:`build_sam2_backbone`.
+
+    Attributes:
+        model: the :class:`~.sam2_predictor.InMemoryVideoPredictor` (eval mode).
+        stop_after_empty: consecutive empty slices beyond an object's outermost key slice after
+            which it has ended in that direction; None: never stop (sweep to the volume's ends).
+    """
+
+    eager_embedding = True
+
+    def __init__(
+        self,
+        name: str,
+        model: "InMemoryVideoPredictor",
+        weights_sha256: str,
+        *,
+        stop_after_empty: int | None = 2,
+    ) -> None:
+        if stop_after_empty is not None and stop_after_empty < 1:
+            raise ValueError(f"stop_after_empty must be >= 1 or None, got {stop_after_empty}")
+        self.name = name
+        self.model = model
+        self.image_size = int(model.image_size)
+        self.weights_sha256 = weights_sha256
+        self.stop_after_empty = stop_after_empty
+
+    @property
+    def device(self) -> "torch.device":
+        return self.model.device
+
+    def embed_slice(self, image: np.ndarray) -> Sam2Embedding:
+        """Embed one preprocessed slice ``(H, W)`` float32 in ``[0, 1]`` (see :class:`Sam2Embedding`)."""
+        image = np.asarray(image)
+        if image.ndim != 2 or min(image.shape) < 1:
+            raise ValueError(f"embed_slice expects one (H, W) slice, got shape {image.shape}")
+        if not np.isfinite(image).all():
+            raise ValueError("embed_slice got NaN or infinite pixels; preprocess the slice first")
+        return self.model.sss_embed(image)
+
+    def propagate(
+        self,
+        slices: np.ndarray,
+        embedding: EmbeddingLookup,
+        objects: Mapping[int, Sequence[SlicePrompt]],
+    ) -> Iterator[PropagationStep]:
+        """Segment ``objects`` (class label -> its key-slice prompts) through ``slices``.
+
+        Args:
+            slices: the ``(S, H, W)`` stack; only its shape is read (features come from ``embedding``).
+            embedding: slice index -> :class:`Sam2Embedding`, the engine's cache.
+            objects: label -> prompts in slice pixels: boxes ``(x0, y0, x1, y1)`` (XYXY), points
+                ``(x, y)`` (x = column, y = row). Several key slices per object are allowed; prompts
+                of one object on the same slice are merged (at most one box per slice).
+
+        Yields:
+            :class:`PropagationStep` per visited slice and sweep: label -> ``(H, W)`` float32 logits
+            (> 0 inside) for the objects tracked there; see the module docstring for the order.
+
+        Raises:
+            PromptError: a prompt lies outside the stack, or an object has two boxes on one slice.
+        """
+        if slices.ndim != 3:
+            raise ValueError(f"propagate expects an (S, H, W) stack, got shape {slices.shape}")
+        num_slices, height, width = (int(n) for n in slices.shape)
+        merged = {int(lbl): _merge_prompts(int(lbl), list(p), (num_slices, height, width))
+                  for lbl, p in objects.items()}
+        if not merged:
+            return
+        state = self.model.sss_new_state(num_slices, height, width, embedding)
+        try:
+            for label, per_slice in merged.items():
+                for s, (box, pos, neg) in sorted(per_slice.items()):
+                    self.model.sss_add_prompt(state, s, label, box, pos, neg)
+            self.model.sss_finish_prompts(state)
+            key_slices = {label: sorted(per_slice) for label, per_slice in merged.items()}
+            yield from self._sweep(state, key_slices, num_slices, reverse=False)
+            yield from self._sweep(state, key_slices, num_slices, reverse=True)
+        finally:
+            # Drop the memory bank now, not when the generator object is collected.
+            state.clear()
+
+    def _sweep(
+        self, state: dict, key_slices: dict[int, list[int]], num_slices: int, reverse: bool
+    ) -> Iterator[PropagationStep]:
+        """One direction of :meth:`propagate`; ``key_slices`` maps label -> its sorted key slices."""
+        join = {lbl: (k[-1] if reverse else k[0]) for lbl, k in key_slices.items()}
+        outermost = {lbl: (k[0] if reverse else k[-1]) for lbl, k in key_slices.items()}
+        start = max(join.values()) if reverse else min(join.values())
+        order = range(start, -1, -1) if reverse else range(start, num_slices)
+        empty_run = dict.fromkeys(key_slices, 0)
+        ended: set[int] = set()
+        for s in order:
+            active = [lbl for lbl in key_slices
+                      if lbl not in ended and (s <= join[lbl] if reverse else s >= join[lbl])]
+            if not active:
+                continue
+            tracked = self.model.sss_track_slice(state, s, active, reverse)
+            for lbl, (logits, score) in tracked.items():
+                beyond = s < outermost[lbl] if reverse else s > outermost[lbl]
+                if not beyond or self.stop_after_empty is None:
+                    continue
+                empty = score < 0 or not (logits > 0).any()
+                empty_run[lbl] = empty_run[lbl] + 1 if empty else 0
+                if empty_run[lbl] >= self.stop_after_empty:
+                    ended.add(lbl)
+                    log.debug("object %d ended at slice %d (%s sweep)", lbl, s,
+                              "backward" if reverse else "forward")
+            yield PropagationStep(s, {lbl: logits for lbl, (logits, _) in tracked.items()})
+            if len(ended) == len(key_slices):
+                break
+
+
+def _merge_prompts(
+    label: int, prompts: list[SlicePrompt], shape_shw: tuple[int, int, int]
+) -> dict[int, tuple[tuple[float, float, float, float] | None, list, list]]:
+    """key slice -> (XYXY box or None, positive XY points, negative XY points) for one object."""
+    if not prompts:
+        raise PromptError(f"class {label} has no prompt; give it a box or a positive point on a key slice")
+    out: dict[int, tuple[Any, list, list]] = {}
+    for p in prompts:
+        p.check_inside(shape_shw)
+        box, pos, neg = out.get(p.key_slice, (None, [], []))
+        if p.box is not None and box is not None:
+            raise PromptError(
+                f"class {label} has two boxes on slice {p.key_slice}; SAM-2 takes one box per slice, "
+                "keep one (add the other's extent as points if needed)"
+            )
+        out[p.key_slice] = (p.box if p.box is not None else box,
+                            pos + list(p.positive_points), neg + list(p.negative_points))
+    return out
+
+
+# -- building -------------------------------------------------------------------------------------
+def build_sam2_backbone(
+    name: str,
+    *,
+    image_size: int | None = None,
+    checkpoint: Path | None = None,
+    device: "str | torch.device" = "cpu",
+    random_init: bool = False,
+    stop_after_empty: int | None = 2,
+) -> Sam2Backbone:
+    """Build a SAM-2.1 backbone from sam2's own config.
+
+    Args:
+        name: one of :data:`SAM2_CONFIGS` (``"sam2.1_hiera_tiny"`` ... ``"sam2.1_hiera_large"``).
+        image_size: network input side; 1024 by default, 512 for 512-trained fine-tunes; any
+            multiple of 32 from 64 up (small sizes are for tests). Size-dependent settings (the
+            memory attention's RoPE grid, ``image_size / 16``) follow it.
+        checkpoint: a SAM-2.1 checkpoint file (strictly matched to the model).
+        device: "cpu", "cuda", "cuda:N", "mps" or "auto" (or a ``torch.device``).
+        random_init: build untrained weights (seeded, reproducible) instead of loading a checkpoint;
+            ``weights_sha256`` is then ``"random-init"``.
+        stop_after_empty: see :class:`Sam2Backbone`.
+
+    Raises:
+        ValueError: unknown name or unusable image size. WeightsError: no checkpoint and not
+        ``random_init``, or the checkpoint is unreadable or does not fit (strict key and shape
+        match, see :func:`sss_lib.weights.load_weights_into`). DeviceError: the device is absent.
+    """
+    if name not in SAM2_CONFIGS:
+        raise ValueError(f"unknown SAM-2.1 model {name!r}; choose one of {', '.join(SAM2_CONFIGS)}")
+    size = DEFAULT_IMAGE_SIZE if image_size is None else int(image_size)
+    if size < _MIN_IMAGE_SIZE or size % _SIZE_MULTIPLE:
+        raise ValueError(
+            f"SAM-2 image size must be a multiple of {_SIZE_MULTIPLE} and at least {_MIN_IMAGE_SIZE}, "
+            f"got {size}; use 1024 (or 512 for 512-trained fine-tunes)"
+        )
+    if checkpoint is None and not random_init:
+        raise WeightsError(
+            f"no checkpoint given for {name}; pass the .pt file (sss_lib.weights finds and downloads "
+            "it) or random_init=True for an untrained test model"
+        )
+    from ..device import resolve_device
+
+    torch_device = resolve_device(device)
+
+    import torch
+
+    if random_init:
+        # Seed without disturbing the caller's global RNG stream.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_RANDOM_INIT_SEED)
+            model = _instantiate(SAM2_CONFIGS[name], size)
+        sha = "random-init"
+    else:
+        model = _instantiate(SAM2_CONFIGS[name], size)
+        sha = _load_checkpoint(model, Path(checkpoint))  # type: ignore[arg-type]
+    model = model.to(torch_device).eval()
+    log.info("built %s at %d px on %s (weights %s)", name, size, torch_device, sha[:16])
+    return Sam2Backbone(name, model, sha, stop_after_empty=stop_after_empty)
+
+
+def sam2_overrides(image_size: int) -> list[str]:
+    """Hydra overrides: our predictor class, sam2's video post-processing, and the input size."""
+    feat = image_size // 16
+    try:
+        import sam2._C  # noqa: F401  (the CUDA hole-filling kernel; optional)
+
+        fill_hole_area = 8
+    except ImportError:
+        # Without the kernel sam2 skips hole filling anyway, warning on every slice.
+        fill_hole_area = 0
+    return [
+        "++model._target_=sss_lib.backbones.sam2_predictor.InMemoryVideoPredictor",
+        # The same post-processing build_sam2_video_predictor applies.
+        "++model.sam_mask_decoder_extra_args.dynamic_multimask_via_stability=true",
+        "++model.sam_mask_decoder_extra_args.dynamic_multimask_stability_delta=0.05",
+        "++model.sam_mask_decoder_extra_args.dynamic_multimask_stability_thresh=0.98",
+        "++model.binarize_mask_from_pts_for_mem_enc=true",
+        f"++model.fill_hole_area={fill_hole_area}",
+        f"++model.image_size={image_size}",
+        f"++model.memory_attention.layer.self_attention.feat_sizes=[{feat},{feat}]",
+        f"++model.memory_attention.layer.cross_attention.feat_sizes=[{feat},{feat}]",
+        f"++model.image_encoder.neck.position_encoding.image_size={image_size}",
+        f"++model.memory_encoder.position_encoding.image_size={image_size}",
+    ]
+
+
+def _instantiate(config: str, image_size: int) -> "InMemoryVideoPredictor":
+    import sam2  # noqa: F401  (registers sam2's config module with hydra)
+    from hydra import compose
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from .sam2_predictor import InMemoryVideoPredictor
+
+    cfg = compose(config_name=config, overrides=sam2_overrides(image_size))
+    OmegaConf.resolve(cfg)
+    model = instantiate(cfg.model, _recursive_=True)
+    assert isinstance(model, InMemoryVideoPredictor)
+    return model
+
+
+def _load_checkpoint(model: Any, path: Path) -> str:
+    """Strictly load checkpoint ``path`` into ``model``; returns the file's SHA-256."""
+    from .. import weights
+    from ..download import file_sha256
+
+    weights.load_weights_into(model, weights.load_state_dict(path), str(path))
+    return file_sha256(path)
