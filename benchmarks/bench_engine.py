@@ -1,0 +1,194 @@
+"""Engine benchmark: embedding, full segmentation and re-run after a one-class prompt edit.
+
+On the 48-slice lung CT sample (Testing/Data/lung1_crop_*), two classes (the tumour from its box and
+a second box elsewhere), then class 1's box is moved by 2 px and the volume re-run. The same re-run
+is then done naively with sam2's own video predictor (frames from a JPEG folder, every slice
+re-encoded, both classes re-propagated), which is what a script without our engine does.
+
+SAM-2.1 tiny runs at random initialisation (no checkpoint can be downloaded here), with early
+stopping off so both paths visit every slice; LiteMedSAM runs with its real weights and its stop
+rule (its naive re-run is a fresh session that re-embeds the slices it visits).
+
+Each configuration runs in its own process so its peak memory is its own.
+
+    python benchmarks/bench_engine.py [--device cpu|cuda] [--configs tiny512,tiny1024,litemedsam]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import markdown_table, write_results  # noqa: E402
+
+CONFIGS = {
+    "tiny512": ("sam2.1_hiera_tiny", 512),
+    "tiny1024": ("sam2.1_hiera_tiny", 1024),
+    "large1024": ("sam2.1_hiera_large", 1024),
+    "litemedsam": ("litemedsam", 256),
+}
+SECOND_BOX = (40.0, 40.0, 90.0, 90.0)
+SECOND_KEY = 20
+
+
+def _prompts(volume, label_volume, shift: float = 0.0):
+    from sss_lib.demo import box_prompt_from_label
+    from sss_lib.prompts import ClassPrompts, PromptSet, SlicePrompt
+
+    tumour = box_prompt_from_label(label_volume)
+    p = tumour.classes[0].prompts[0]
+    box = tuple(v + shift for v in p.box)
+    return PromptSet(tumour.slice_axis, [
+        ClassPrompts(1, "tumour", [SlicePrompt(p.key_slice, box=box)]),
+        ClassPrompts(2, "other", [SlicePrompt(SECOND_KEY, box=SECOND_BOX)]),
+    ])
+
+
+def _build(config: str, device: str):
+    name, size = CONFIGS[config]
+    if name == "litemedsam":
+        from sss_lib.backbones.litemedsam import build_litemedsam_backbone
+
+        return build_litemedsam_backbone(device=device)
+    from sss_lib.backbones.sam2_backbone import build_sam2_backbone
+
+    return build_sam2_backbone(name, image_size=size, random_init=True, device=device, stop_after_empty=None)
+
+
+def _naive_sam2_rerun(backbone, session, prompts) -> float:
+    """sam2's stock video predictor over a JPEG folder: init, prompts, forward + backward."""
+    import torch
+    from hydra import compose
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+    from PIL import Image
+
+    from sss_lib.backbones.sam2_backbone import SAM2_CONFIGS, sam2_overrides
+    from sss_lib.device import autocast_context
+
+    overrides = [o for o in sam2_overrides(backbone.image_size) if "_target_" not in o]
+    overrides.append("++model._target_=sam2.sam2_video_predictor.SAM2VideoPredictor")
+    cfg = compose(config_name=SAM2_CONFIGS[backbone.name], overrides=overrides)
+    OmegaConf.resolve(cfg)
+    stock = instantiate(cfg.model, _recursive_=True).eval().to(backbone.device)
+    stock.load_state_dict(backbone.model.state_dict())
+    with tempfile.TemporaryDirectory() as folder:
+        for s, sl in enumerate(session.slices):
+            Image.fromarray((sl * 255).astype(np.uint8)).convert("RGB").save(f"{folder}/{s:05d}.jpg", quality=95)
+        key_frames = []
+        t0 = time.perf_counter()
+        with torch.inference_mode(), autocast_context(backbone.device):
+            state = stock.init_state(video_path=folder)
+            for c in prompts.classes:
+                for p in c.prompts:
+                    stock.add_new_points_or_box(state, p.key_slice, c.label, box=np.array(p.box, np.float32))
+                    key_frames.append(p.key_slice)
+            for _ in stock.propagate_in_video(state, start_frame_idx=min(key_frames)):
+                pass
+            for _ in stock.propagate_in_video(state, start_frame_idx=max(key_frames), reverse=True):
+                pass
+        if backbone.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+
+def worker(config: str, device: str) -> dict:
+    import torch
+
+    from sss_lib.backbones.registry import build_backbone  # noqa: F401 - import cost outside timings
+    from sss_lib.demo import sample_data_dir
+    from sss_lib.engine import SegmentationSession
+    from sss_lib.volume_io import read_label, read_volume
+
+    if device == "cpu":
+        torch.set_num_threads(int(os.environ.get("SSS_BENCH_THREADS", os.cpu_count() or 1)))
+    data = sample_data_dir()
+    volume = read_volume(data / "lung1_crop_image.nrrd")
+    label = read_label(data / "lung1_crop_label.nrrd", reference=volume)
+    backbone = _build(config, device)
+    backbone_device = backbone.device
+    session = SegmentationSession(volume, backbone)
+
+    def timed_run(prompts):
+        embed_t, t0, last, result = 0.0, time.perf_counter(), time.perf_counter(), None
+        for event in session.run(prompts):
+            now = time.perf_counter()
+            if event.stage == "embed":
+                embed_t += now - last
+            last = now
+            result = event.result or result
+        if backbone_device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0, embed_t, result
+
+    full_s, embed_s, first = timed_run(_prompts(volume, label))
+    rerun_s, _, second = timed_run(_prompts(volume, label, shift=2.0))
+    assert second.recomputed == [1] and second.embeddings_computed == 0
+    if config == "litemedsam":
+        # LiteMedSAM embeds lazily during propagation: time the encoder on its own, and take a
+        # fresh session (re-embedding what it visits) as the naive re-run.
+        t0 = time.perf_counter()
+        for s in range(3):
+            backbone.embed_slice(session.slices[s])
+        per_slice = (time.perf_counter() - t0) / 3
+        t0 = time.perf_counter()
+        SegmentationSession(volume, backbone).segment(_prompts(volume, label, shift=2.0))
+        naive_s = time.perf_counter() - t0
+    else:
+        per_slice = embed_s / max(first.embeddings_computed, 1)
+        naive_s = _naive_sam2_rerun(backbone, session, _prompts(volume, label, shift=2.0))
+    embedded = first.embeddings_computed
+    out = {
+        "config": config, "backbone": backbone.name, "image_size": backbone.image_size, "device": device,
+        "slices": int(session.stack_shape[0]), "slices_embedded_first_run": int(embedded),
+        "embed_per_slice_s": per_slice, "full_segmentation_s": full_s, "rerun_one_class_s": rerun_s,
+        "naive_rerun_s": naive_s, "speedup": naive_s / rerun_s,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    if device.startswith("cuda"):
+        out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--configs", default="litemedsam,tiny512,tiny1024")
+    parser.add_argument("--name", default=None, help="results file name (default engine_<device>)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args.worker, args.device)))
+        return
+    rows = []
+    for config in args.configs.split(","):
+        proc = subprocess.run([sys.executable, __file__, "--worker", config, "--device", args.device],
+                              capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            sys.stderr.write(proc.stderr[-3000:])
+            raise SystemExit(f"{config} failed (exit {proc.returncode})")
+        rows.append(json.loads(lines[-1][7:]))
+        print(f"done {config}", file=sys.stderr)
+    path = write_results(args.name or f"engine_{args.device.replace(':', '')}", {"runs": rows})
+    headers = ["backbone", "size", "device", "embed/slice s", "full seg s", "re-run 1 class s",
+               "naive re-run s", "speed-up", "peak RSS MiB"] + (["peak GPU MiB"] if "peak_gpu_mib" in rows[0] else [])
+    table = [[r["backbone"], r["image_size"], r["device"], r["embed_per_slice_s"], r["full_segmentation_s"],
+              r["rerun_one_class_s"], r["naive_rerun_s"], f"{r['speedup']:.1f}x", round(r["peak_rss_mib"])]
+             + ([round(r["peak_gpu_mib"])] if "peak_gpu_mib" in r else []) for r in rows]
+    print(markdown_table(headers, table))
+    print(f"\nwritten {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""Import the module files as Slicer does and run their self-tests, with the *application* parts
+stubbed: Qt, CTK, ScriptedLoadableModule, i18n and parameterNodeWrapper are not in slicer-core.
+
+MRML stays real (slicer-core): the stubs only let ``SSSSegment.py`` / ``SSSTrain.py`` import, so the
+module, logic and test classes run for real. The stub ``parameterNodeWrapper`` evaluates the class's
+annotations with ``typing.get_type_hints`` as the real one does, which is where a Python 3.9-only
+mistake in the wrapper would show. Widgets are not exercised here (they need Slicer's Qt).
+"""
+
+import importlib.util
+import sys
+import types
+import typing
+import unittest
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _stub_modules(slicer) -> dict[str, types.ModuleType]:
+    qt = types.ModuleType("qt")
+    ctk = types.ModuleType("ctk")
+
+    slm = types.ModuleType("slicer.ScriptedLoadableModule")
+
+    class ScriptedLoadableModule:
+        def __init__(self, parent):
+            self.parent = parent
+
+    class ScriptedLoadableModuleWidget:
+        def __init__(self, parent=None):
+            self.parent = parent
+
+    class ScriptedLoadableModuleLogic:
+        def __init__(self, parent=None):
+            self.parent = parent
+
+        def getParameterNode(self):
+            node = slicer.mrmlScene.GetSingletonNode("SSSSegment", "vtkMRMLScriptedModuleNode")
+            if node is None:
+                node = slicer.vtkMRMLScriptedModuleNode()
+                node.SetSingletonTag("SSSSegment")
+                node = slicer.mrmlScene.AddNode(node)
+            return node
+
+    class ScriptedLoadableModuleTest(unittest.TestCase):
+        def delayDisplay(self, message, requestedDelay=None, msec=None):
+            print(message)
+
+    for cls in (ScriptedLoadableModule, ScriptedLoadableModuleWidget, ScriptedLoadableModuleLogic, ScriptedLoadableModuleTest):
+        setattr(slm, cls.__name__, cls)
+
+    i18n = types.ModuleType("slicer.i18n")
+    i18n.tr = lambda text: text
+    i18n.translate = lambda context, text: text
+
+    pnw = types.ModuleType("slicer.parameterNodeWrapper")
+
+    class Choice:
+        def __init__(self, choices):
+            self.choices = list(choices)
+
+    def parameterNodeWrapper(cls):
+        hints = typing.get_type_hints(cls, include_extras=True)  # what the real decorator does first
+
+        def wrap(node):
+            wrapped = types.SimpleNamespace(node=node)
+            for name in hints:
+                setattr(wrapped, name, getattr(cls, name, None))
+            return wrapped
+
+        wrap.hints = hints
+        return wrap
+
+    class WithinRange:
+        def __init__(self, minimum, maximum):
+            self.minimum, self.maximum = minimum, maximum
+
+    pnw.parameterNodeWrapper = parameterNodeWrapper
+    pnw.Choice = Choice
+    pnw.WithinRange = WithinRange
+    return {"qt": qt, "ctk": ctk, "slicer.ScriptedLoadableModule": slm, "slicer.i18n": i18n,
+            "slicer.parameterNodeWrapper": pnw}
+
+
+def _load(module: str):
+    spec = importlib.util.spec_from_file_location(module, REPO / module / f"{module}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture
+def app(slicer_core, scene, monkeypatch):
+    for name, mod in _stub_modules(slicer_core).items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    return slicer_core
+
+
+def test_segment_module_declares_itself(app):
+    mod = _load("SSSSegment")
+    parent = types.SimpleNamespace()
+    mod.SSSSegment(parent)
+    assert parent.title and parent.categories == ["Segmentation"] and parent.contributors
+    assert parent.helpText and parent.acknowledgementText and "5.10" in parent.helpText
+
+
+def test_segment_parameter_node_types(app):
+    from SSSSegmentLib import constants as C
+
+    hints = _load("SSSSegment").SSSSegmentParameterNode.hints
+    assert hints["inputVolume"] is app.vtkMRMLScalarVolumeNode
+    assert hints["outputSegmentation"] is app.vtkMRMLSegmentationNode
+    model = typing.get_args(hints["model"])
+    assert model[0] is str and model[1].choices == C.MODEL_CHOICES
+    import pathlib
+
+    assert hints["taskModelPath"] is pathlib.Path
+
+
+def test_segment_self_test_runs_the_scenarios(app):
+    """SSSSegmentTest.runTest, as slicer.selfTests['SSSSegment'] would call it."""
+    mod = _load("SSSSegment")
+    test = mod.SSSSegmentTest()
+    test.runTest()
+    logic = mod.SSSSegmentLogic()
+    assert logic.getParameterNode().node.GetSingletonTag() == "SSSSegment"
+
+
+def test_train_module_loads_and_self_tests(app):
+    sys.path.insert(0, str(REPO / "SSSTrain"))
+    mod = _load("SSSTrain")
+    hints = mod.SSSTrainParameterNode.hints
+    assert typing.get_args(hints["iterations"])[0] is int and typing.get_args(hints["backbone"])[1].choices == mod.BACKBONES
+    parent = types.SimpleNamespace()
+    mod.SSSTrain(parent)
+    assert parent.title and parent.categories and parent.contributors and parent.acknowledgementText
+    mod.SSSTrainTest().runTest()
