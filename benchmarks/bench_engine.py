@@ -74,7 +74,6 @@ def _naive_sam2_rerun(backbone, session, prompts) -> float:
     from PIL import Image
 
     from sss_lib.backbones.sam2_backbone import SAM2_CONFIGS, sam2_overrides
-    from sss_lib.device import autocast_context
 
     overrides = [o for o in sam2_overrides(backbone.image_size) if "_target_" not in o]
     overrides.append("++model._target_=sam2.sam2_video_predictor.SAM2VideoPredictor")
@@ -87,7 +86,9 @@ def _naive_sam2_rerun(backbone, session, prompts) -> float:
             Image.fromarray((sl * 255).astype(np.uint8)).convert("RGB").save(f"{folder}/{s:05d}.jpg", quality=95)
         key_frames = []
         t0 = time.perf_counter()
-        with torch.inference_mode(), autocast_context(backbone.device):
+        # The stock predictor keeps its memory bank in bf16, so it only runs under bf16 autocast,
+        # on the CPU too.
+        with torch.inference_mode(), torch.autocast(backbone.device.type, dtype=torch.bfloat16):
             state = stock.init_state(video_path=folder)
             for c in prompts.classes:
                 for p in c.prompts:

