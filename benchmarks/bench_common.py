@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -13,6 +14,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def git_commit() -> str:
+    """HEAD (with -dirty when tracked files differ); ``$SSS_GIT_COMMIT`` where there is no .git (GPU machine)."""
+    if os.environ.get("SSS_GIT_COMMIT"):
+        return os.environ["SSS_GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                              cwd=Path(__file__).parent)

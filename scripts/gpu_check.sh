@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks, in one call (run on a lent GPU machine from the repo root):
+#   bash scripts/gpu_check.sh [engine] [ssl]
+# The machine has torch but not sam2 & co.: they travel as wheels in .whl/ (see README, "GPU check").
+# Results are copied to $OUT (when set) and left in benchmarks/results/.
+set -uo pipefail
+parts=("${@:-engine}")
+export PYTHONUNBUFFERED=1 SSS_HOME=/tmp/sss_home
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+  export PYTHONPATH="/tmp/site:$PWD"
+else
+  export PYTHONPATH="$PWD"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+python3 -c "import torch, sam2; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+status=0
+python3 -m pytest -q -p no:cacheprovider tests/test_device.py || status=1
+for part in "${parts[@]}"; do
+  case "$part" in
+    engine) python3 benchmarks/bench_engine.py --device cuda --configs tiny512,tiny1024,large1024 || status=1 ;;
+    ssl) python3 benchmarks/bench_ssl_gpu.py || status=1 ;;
+    *) echo "unknown part $part"; status=1 ;;
+  esac
+done
+if [ -n "${OUT:-}" ]; then cp benchmarks/results/*cuda*.json "$OUT"/ 2>/dev/null; fi
+exit $status
