@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sss_lib.ssl import DFE
+from sss_lib.semisup import DFE
 
 torch.set_num_threads(1)
 

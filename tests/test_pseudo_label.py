@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sss_lib.ssl import (
+from sss_lib.semisup import (
     EmaTeacher,
     confidence_mask,
     masked_consistency_loss,

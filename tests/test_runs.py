@@ -37,7 +37,7 @@ from sss_lib.runs import (
     truncate_history,
 )
 from sss_lib.runs.progress import FIELDS
-from sss_lib.ssl import EmaTeacher
+from sss_lib.semisup import EmaTeacher
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]

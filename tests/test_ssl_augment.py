@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sss_lib.ssl import StrongAugment, WeakAugment, apply_cutmix, cutmix, cutmix_boxes
-from sss_lib.ssl.strong import equalize, gaussian_blur, posterize, solarize_fold
+from sss_lib.semisup import StrongAugment, WeakAugment, apply_cutmix, cutmix, cutmix_boxes
+from sss_lib.semisup.strong import equalize, gaussian_blur, posterize, solarize_fold
 
 torch.set_num_threads(1)
 

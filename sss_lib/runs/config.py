@@ -28,7 +28,7 @@ class RunConfig:
         seed: seeds every random draw of the run.
         warmup_steps: supervised-only steps at the start (the coarse head is too weak for PCSW).
         rampup_steps: after the warm-up, lambda_u follows a sigmoid ramp over this many steps
-            (:func:`sss_lib.ssl.unsupervised_weight`).
+            (:func:`sss_lib.semisup.unsupervised_weight`).
         lambda_u: the weight of the unsupervised loss once ramped up (paper: 1).
         confidence_threshold: pseudo-label pixels count when their confidence is at least this (0.95).
         ema_decay: the EMA teacher's decay.
