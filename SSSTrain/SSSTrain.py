@@ -1,9 +1,12 @@
+import logging
 import os
 import pathlib
+import shutil
 import sys
 from typing import Annotated, Optional
 
 import qt
+import vtk
 
 import slicer
 from slicer.i18n import tr as _
@@ -16,15 +19,22 @@ from slicer.parameterNodeWrapper import (
     WithinRange,
 )
 
-from SSSTrainLib.logic import DatasetError, TrainingUnavailableError, TrainLogic, TrainSettings
-from SSSTrainLib import process
+from SSSTrainLib import constants as C
 
-# Python 3.9 compatible, like SSSSegment.py: it must load on Slicer 5.6/5.8 and say what it needs.
-# sss_lib is imported only inside functions, after the version check.
+# This file must import on Slicer 5.6/5.8 (Python 3.9): no "X | None", no match statements, and
+# sss_lib (Python 3.10+) is imported only inside functions, after the version check.
 
 MINIMUM_PYTHON = (3, 10)
+# Mirrors sss_lib.backbones.registry.BACKBONE_NAMES without "auto" (training needs a definite
+# backbone); tests/slicer/test_static.py checks it against the registry and the .ui file.
 BACKBONES = ["sam2.1_hiera_tiny", "sam2.1_hiera_small", "sam2.1_hiera_base_plus", "sam2.1_hiera_large", "litemedsam"]
 DEVICES = ["auto", "cpu", "cuda", "mps"]
+SETTINGS_LAST_RUN = "SSSTrain/lastRunFolder"  # QSettings: a restarted Slicer finds the last run
+
+
+def _inSlicerApplication() -> bool:
+    """True inside the Slicer application; False with only MRML (slicer-core: tests, PythonSlicer)."""
+    return callable(getattr(getattr(slicer, "app", None), "startupEnvironment", None))
 
 
 #
@@ -42,10 +52,11 @@ class SSSTrain(ScriptedLoadableModule):
         self.parent.dependencies = ["SSSSegment"]
         self.parent.contributors = ["SSS Extension developers (SSS project)"]
         self.parent.helpText = _(
-            "Train an SSS task model from a few labeled and many unlabeled volumes (semi-supervised SAM-2 "
-            "fine-tuning with DFE and PCSW prompts). Training runs in a separate process; the task model then "
-            "drives Auto-segment in SSS Segment. Check dataset works now; training needs a version of sss_lib "
-            "with a 'train' command."
+            "Train an SSS task model from a few labeled and many unlabeled volumes: semi-supervised SAM-2 "
+            "fine-tuning with DFE and PCSW prompts. Labeled cases are the scene's volumes with their segmentations "
+            "(or a dataset folder); training runs in a separate process that goes on when Slicer closes, and the "
+            "panel follows it again when reopened. 'Use this model' hands the result to SSS Segment for "
+            "Auto-segment. Needs Slicer 5.10 or newer."
         )
         self.parent.acknowledgementText = _(
             "Based on SAM-2 (Meta AI) and the SSS method of Zhu et al. (Semi-Supervised SAM-2 with "
@@ -60,15 +71,32 @@ class SSSTrain(ScriptedLoadableModule):
 
 @parameterNodeWrapper
 class SSSTrainParameterNode:
-    """datasetPath: labeled dataset folder; unlabeledPath: optional extra unlabeled volumes;
-    backbone, device, iterations: training settings; outputPath: the task-model file to write."""
+    """The panel's state, saved with the scene (SSSTrainLib.settings.TrainSettings says what each means).
 
-    datasetPath: pathlib.Path
-    unlabeledPath: pathlib.Path
+    labeledSource / labeledFolder: scene pairs, or a dataset folder.
+    unlabeledSource / unlabeledFolder: none, a folder of volumes, or the scene's unpaired volumes.
+    backbone, device, iterations, runFolder: the run.
+    warmupIterations ... seed: the method's settings (the Advanced section).
+    gpus: the GPU count of Copy command's torchrun line.
+    """
+
+    labeledSource: Annotated[str, Choice(C.LABELED_SOURCES)] = C.SOURCE_SCENE
+    labeledFolder: pathlib.Path
+    unlabeledSource: Annotated[str, Choice(C.UNLABELED_SOURCES)] = C.SOURCE_NONE
+    unlabeledFolder: pathlib.Path
     backbone: Annotated[str, Choice(BACKBONES)] = "sam2.1_hiera_tiny"
     device: Annotated[str, Choice(DEVICES)] = "auto"
-    iterations: Annotated[int, WithinRange(1, 1000000)] = 20000
-    outputPath: pathlib.Path
+    iterations: Annotated[int, WithinRange(1, 10000000)] = C.DEFAULT_ITERATIONS
+    runFolder: pathlib.Path
+    warmupIterations: Annotated[int, WithinRange(0, 10000000)] = C.DEFAULT_WARMUP
+    lambdaU: Annotated[float, WithinRange(0.0, 100.0)] = C.DEFAULT_LAMBDA_U
+    confidence: Annotated[float, WithinRange(0.0, 1.0)] = C.DEFAULT_CONFIDENCE
+    emaDecay: Annotated[float, WithinRange(0.0, 0.99999)] = C.DEFAULT_EMA_DECAY
+    useDfe: bool = True
+    usePcsw: bool = True
+    useConsistency: bool = True
+    seed: Annotated[int, WithinRange(0, 2147483647)] = C.DEFAULT_SEED
+    gpus: Annotated[int, WithinRange(1, 64)] = C.DEFAULT_GPUS
 
 
 def _pathText(path) -> str:
@@ -82,7 +110,9 @@ def _pathText(path) -> str:
 
 
 class SSSTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    POLL_MS = 250
+    """The panel. Training runs in its own process; a QTimer follows its files (SSSTrainLib.monitor)."""
+
+    POLL_MS = 500
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -90,9 +120,17 @@ class SSSTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._run = None
+        self._monitor = None
         self._pollTimer = None
+        self._runFolderShown = None
+        self._folderStatus = None
+        self._updatingCases = False
+        self._dependenciesChecked = False
+        self._curvesPixmap = None
+        self._casesShownFor = None
+        self._casesRefreshPending = False
 
+    # -- set-up ------------------------------------------------------------------------------------
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/SSSTrain.ui"))
@@ -107,29 +145,44 @@ class SSSTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self.ui.checkDatasetButton.connect("clicked(bool)", self.onCheckDataset)
-        self.ui.trainButton.connect("clicked(bool)", self.onTrain)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self._onSceneNodesChanged)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self._onSceneNodesChanged)
+
+        self.ui.refreshCasesButton.connect("clicked(bool)", self._refreshCases)
+        self.ui.casesListWidget.connect("itemChanged(QListWidgetItem*)", self._onCaseToggled)
+        self.ui.checkDataButton.connect("clicked(bool)", self.onCheckData)
+        self.ui.startButton.connect("clicked(bool)", self.onStart)
         self.ui.stopButton.connect("clicked(bool)", self.onStop)
+        self.ui.resumeButton.connect("clicked(bool)", self.onResume)
+        self.ui.useModelButton.connect("clicked(bool)", self.onUseModel)
+        self.ui.copyCommandButton.connect("clicked(bool)", self.onCopyCommand)
+
         self.initializeParameterNode()
 
-        status = SSSTrainLogic.statusText(sys.version_info)
-        if status:
-            self.ui.statusLabel.text = status
-            self.ui.dataCollapsibleButton.enabled = False
-            self.ui.trainCollapsibleButton.enabled = False
+        if sys.version_info < MINIMUM_PYTHON:
+            self.ui.versionWarningLabel.text = SSSTrainLogic.statusText(sys.version_info)
+            self.ui.versionWarningLabel.visible = True
+            for box in (self.ui.dataCollapsibleButton, self.ui.trainingCollapsibleButton, self.ui.runCollapsibleButton):
+                box.enabled = False
+            return
+        self._restoreLastRunFolder()
+        self._onRunFolderChanged()
 
     def cleanup(self) -> None:
+        # A run goes on without the panel (it is a separate process); the next panel finds it again.
         if self._pollTimer is not None:
             self._pollTimer.stop()
         self.removeObservers()
 
     def enter(self) -> None:
         self.initializeParameterNode()
+        self._refreshCases()
 
     def exit(self) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event) -> None:
         self.setParameterNode(None)
@@ -138,81 +191,351 @@ class SSSTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.parent.isEntered:
             self.initializeParameterNode()
 
+    def _onSceneNodesChanged(self, caller, event) -> None:
+        # A scene load adds many nodes: refresh once, after the events.
+        if not self._casesRefreshPending:
+            self._casesRefreshPending = True
+            qt.QTimer.singleShot(0, self._refreshCases)
+
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
 
     def setParameterNode(self, inputParameterNode: Optional[SSSTrainParameterNode]) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+        self._onParameterNodeModified()
 
-    def _settings(self) -> TrainSettings:
+    def _onParameterNodeModified(self, caller=None, event=None) -> None:
+        pn = self._parameterNode
+        if pn is None:
+            return
+        fromFolder = pn.labeledSource == C.SOURCE_FOLDER
+        for w in (self.ui.labeledFolderLabel, self.ui.labeledFolderPathLineEdit):
+            w.visible = fromFolder
+        unlabeledFolder = pn.unlabeledSource == C.SOURCE_FOLDER
+        for w in (self.ui.unlabeledFolderLabel, self.ui.unlabeledFolderPathLineEdit):
+            w.visible = unlabeledFolder
+        sceneCases = pn.labeledSource == C.SOURCE_SCENE or pn.unlabeledSource == C.SOURCE_SCENE
+        for w in (self.ui.casesLabel, self.ui.casesListWidget, self.ui.refreshCasesButton):
+            w.visible = sceneCases
+        if _pathText(pn.runFolder) != self._runFolderShown:
+            qt.QTimer.singleShot(0, self._onRunFolderChanged)
+        sources = (pn.labeledSource, pn.unlabeledSource)
+        if sources != self._casesShownFor:
+            self._casesShownFor = sources
+            qt.QTimer.singleShot(0, self._refreshCases)
+        self._updateButtons()
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _runFolder(self) -> str:
+        return _pathText(self._parameterNode.runFolder) if self._parameterNode else ""
+
+    def _settings(self):
+        from SSSTrainLib.settings import TrainSettings
+
         pn = self._parameterNode
         return TrainSettings(
-            dataset=_pathText(pn.datasetPath), output=_pathText(pn.outputPath), unlabeled=_pathText(pn.unlabeledPath),
+            run_dir=_pathText(pn.runFolder),
+            labeled_source=pn.labeledSource, labeled_folder=_pathText(pn.labeledFolder),
+            unlabeled_source=pn.unlabeledSource, unlabeled_folder=_pathText(pn.unlabeledFolder),
             backbone=pn.backbone, device=pn.device, iterations=int(pn.iterations),
+            warmup_iterations=int(pn.warmupIterations), lambda_u=float(pn.lambdaU), confidence=float(pn.confidence),
+            ema_decay=float(pn.emaDecay), dfe=bool(pn.useDfe), pcsw=bool(pn.usePcsw),
+            consistency=bool(pn.useConsistency), seed=int(pn.seed),
         )
 
-    def onCheckDataset(self, *unused) -> None:
-        settings = self._settings()
+    def _showError(self, error, title: str) -> None:
+        from SSSTrainLib.errors import TrainUserError
+
+        from SSSSegmentLib.errors import UserFacingError
+
+        known = isinstance(error, (TrainUserError, UserFacingError))
+        try:
+            from sss_lib.errors import SSSError
+
+            known = known or isinstance(error, SSSError)
+        except ImportError:
+            pass
+        message = str(error) if known else "{title}: {error}".format(title=title, error=error)
+        self.ui.statusLabel.text = message
+        if not known:
+            logging.exception(title)
+        slicer.util.errorDisplay(message, windowTitle=title)
+
+    def _ensureReady(self) -> bool:
+        """Python version and packages (torch, sam2, ...), checked and installed on first use, as in SSS Segment."""
+        from SSSSegmentLib import dependencies
+
+        dependencies.check_python(sys.version_info)
+        if self._dependenciesChecked:
+            return True
+        ok = dependencies.ensure_dependencies(
+            confirm=lambda text, details: slicer.util.confirmOkCancelDisplay(text, detailedText=details),
+            pip_install=dependencies.pip_install_without_cuda_build(slicer.util.pip_install),
+            install_torch=dependencies.install_torch_with_pytorchutils,
+        )
+        self._dependenciesChecked = ok
+        if not ok:
+            self.ui.statusLabel.text = _("Missing Python packages were not installed; nothing was started.")
+        return ok
+
+    def _progress(self, text: str, fraction: Optional[float]) -> None:
+        self.ui.statusLabel.text = text
+        if fraction is not None:
+            self.ui.progressBar.value = int(round(1000 * fraction))
+        slicer.app.processEvents()
+
+    # -- scene cases -------------------------------------------------------------------------------
+    def _refreshCases(self, *unused) -> None:
+        self._casesRefreshPending = False
+        if self.logic is None or self._parameterNode is None:
+            return
+        pn = self._parameterNode
+        if C.SOURCE_SCENE not in (pn.labeledSource, pn.unlabeledSource):
+            return
+        labeled, unlabeled = self.logic.train_logic_class().scene_cases(slicer.mrmlScene)
+        shown = (labeled if pn.labeledSource == C.SOURCE_SCENE else []) + (
+            unlabeled if pn.unlabeledSource == C.SOURCE_SCENE else [])
+        self._updatingCases = True
+        try:
+            self.ui.casesListWidget.clear()
+            for case in shown:
+                item = qt.QListWidgetItem(case.describe())
+                item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
+                item.setCheckState(qt.Qt.Checked if case.included else qt.Qt.Unchecked)
+                item.setData(qt.Qt.UserRole, case.node.GetID())
+                self.ui.casesListWidget.addItem(item)
+            if not shown:
+                self.ui.casesListWidget.addItem(_("(no cases in the scene: load volumes and segment them)"))
+        finally:
+            self._updatingCases = False
+
+    def _onCaseToggled(self, item) -> None:
+        if self._updatingCases:
+            return
+        from SSSTrainLib.scene_cases import set_included
+
+        nodeId = item.data(qt.Qt.UserRole)
+        node = slicer.mrmlScene.GetNodeByID(nodeId) if nodeId else None
+        if node is not None:
+            set_included(node, item.checkState() == qt.Qt.Checked)
+
+    def onCheckData(self, *unused) -> None:
         try:
             with slicer.util.WaitCursor():
-                summary = self.logic.train_logic().check_dataset(settings.dataset, settings.unlabeled)
-            self.ui.statusLabel.text = summary
-        except (DatasetError, TrainingUnavailableError) as e:
-            self.ui.statusLabel.text = str(e)
+                summary = self.logic.train_logic().check_data(self._settings(), slicer.mrmlScene)
+            self.ui.dataSummaryLabel.text = summary
+        except Exception as e:
+            self.ui.dataSummaryLabel.text = str(e)
 
-    def onTrain(self, *unused) -> None:
+    # -- runs --------------------------------------------------------------------------------------
+    def onStart(self, *unused) -> None:
         try:
-            launcher = lambda args, env: slicer.util.launchConsoleProcess(args, updateEnvironment=env)  # noqa: E731
-            self._run = self.logic.train_logic().start_training(self._settings(), launcher)
-        except (DatasetError, TrainingUnavailableError) as e:
-            self.ui.statusLabel.text = str(e)
-            return
-        self.ui.logTextEdit.clear()
-        self.ui.progressBar.setRange(0, 0)
-        self.ui.statusLabel.text = _("Training started.")
-        self._setBusy(True)
-        self._pollTimer.start()
+            if not self._ensureReady():
+                return
+            logic = self.logic.train_logic()
+            settings = self._settings()
+            status = logic.run_status(settings.run_dir)
+            if status.has_run and not status.running:
+                if not slicer.util.confirmOkCancelDisplay(
+                    _("The run folder holds an earlier run. Start over? Its files move to the folder 'previous' "
+                      "inside the run folder. (Press Cancel, then Resume, to continue that run instead.)")
+                ):
+                    return
+                logic.archive_previous_run(settings.run_dir)
+            self._clearRunDisplay()
+            with slicer.util.WaitCursor():
+                monitor = logic.start(settings, slicer.mrmlScene, progress=self._progress)
+            self._follow(monitor)
+            self.ui.statusLabel.text = _("Training started (process {pid}).").format(pid=monitor.pid)
+        except Exception as e:
+            self._showError(e, _("Could not start training"))
+
+    def onResume(self, *unused) -> None:
+        try:
+            if not self._ensureReady():
+                return
+            monitor = self.logic.train_logic().resume(self._runFolder(), self._settings())
+            self._follow(monitor)
+            self.ui.statusLabel.text = _("Resuming (process {pid}).").format(pid=monitor.pid)
+        except Exception as e:
+            self._showError(e, _("Could not resume training"))
 
     def onStop(self, *unused) -> None:
-        if self._run is not None:
-            self._run.stop()
-            self.ui.statusLabel.text = _("Stopping after the current step...")
+        monitor = self._monitor
+        if monitor is None:
+            return
+        if not monitor.stop_requested:
+            monitor.stop()
+            self.ui.statusLabel.text = _("Stopping at the next clean point; a checkpoint is written first...")
+            self.ui.stopButton.text = _("Kill")
+            self.ui.stopButton.toolTip = _("End the training process now, without a checkpoint.")
+            return
+        if monitor.pid is None or monitor.alive() is not True:
+            self.ui.statusLabel.text = _("The training process cannot be reached from this computer; it stops on its own.")
+            return
+        if slicer.util.confirmOkCancelDisplay(
+            _("Kill the training process now? Progress since its last checkpoint is lost.")
+        ):
+            from SSSTrainLib.process import kill_process_tree
 
-    def _setBusy(self, busy: bool) -> None:
-        self.ui.trainButton.enabled = not busy
-        self.ui.checkDatasetButton.enabled = not busy
-        self.ui.stopButton.enabled = busy
+            kill_process_tree(monitor.pid)
+
+    def _follow(self, monitor) -> None:
+        self._monitor = monitor
+        self._runFolderShown = monitor.run_dir
+        qt.QSettings().setValue(SETTINGS_LAST_RUN, monitor.run_dir)
+        self.ui.stopButton.text = _("Stop")
+        self.ui.stopButton.toolTip = _("Ask the run to stop at its next clean point, with a checkpoint.")
+        self._updateButtons()
+        self._pollTimer.start()
+        self._poll()
+
+    def _detach(self) -> None:
+        """Stop following (the run itself goes on)."""
+        self._pollTimer.stop()
+        self._monitor = None
+
+    def _clearRunDisplay(self) -> None:
+        self.ui.logTextEdit.clear()
+        self.ui.progressBar.value = 0
+        self.ui.validationLabel.text = ""
+        self._curvesPixmap = None
+        self.ui.curvesLabel.setPixmap(qt.QPixmap())
+        self.ui.curvesLabel.wordWrap = True
+        self.ui.curvesLabel.text = _("Loss and validation-Dice curves appear here after the first validation.")
+
+    def _restoreLastRunFolder(self) -> None:
+        if self._parameterNode is None or self._runFolder():
+            return
+        last = qt.QSettings().value(SETTINGS_LAST_RUN)
+        if last and os.path.isdir(str(last)):
+            self._parameterNode.runFolder = pathlib.Path(str(last))
+
+    def _onRunFolderChanged(self) -> None:
+        """Show what the chosen run folder holds, and follow its run if one is going."""
+        if self.logic is None or sys.version_info < MINIMUM_PYTHON:
+            return
+        runFolder = self._runFolder()
+        if self._monitor is not None and self._monitor.run_dir == runFolder:
+            return
+        if self._monitor is not None:
+            self._detach()
+        self._runFolderShown = runFolder
+        self._clearRunDisplay()
+        try:
+            logic = self.logic.train_logic()
+            self._folderStatus = logic.run_status(runFolder)
+            monitor = logic.attach(runFolder) if runFolder else None
+        except Exception as e:
+            logging.warning("SSS Train: cannot read the run folder %s: %s", runFolder, e)
+            self._folderStatus, monitor = None, None
+        if monitor is not None:
+            self._follow(monitor)
+            self.ui.statusLabel.text = _("Following the run in this folder (started earlier).")
+            return
+        self._showFolderStatus()
+        self._updateButtons()
+
+    def _showFolderStatus(self) -> None:
+        from SSSTrainLib import monitor as M
+
+        status = self._folderStatus
+        if status is None or not status.has_run:
+            self.ui.statusLabel.text = _("Choose the training data and a run folder, then Start.")
+            return
+        if status.last_step is not None:
+            self.ui.progressBar.value = int(round(1000 * (M.fraction(status.last_step) or 0.0)))
+            text = _("This folder holds a run, last at step {step} of {total}.").format(
+                step=status.last_step.step, total=status.last_step.total_steps)
+        else:
+            text = _("This folder holds a run.")
+        if status.model:
+            text += " " + _("Its task model is ready: 'Use this model'.")
+        if status.can_resume:
+            text += " " + _("'Resume' continues it.")
+        self.ui.statusLabel.text = text
+        self._loadCurves(os.path.join(self._runFolder(), C.CURVES_FILE))
 
     def _poll(self) -> None:
-        if self._run is None:
+        from SSSTrainLib import monitor as M
+
+        monitor = self._monitor
+        if monitor is None:
             self._pollTimer.stop()
             return
-        for msg in self._run.poll():
-            if msg.kind == process.LOG:
+        for msg in monitor.poll():
+            if msg.kind == M.LOG:
                 self.ui.logTextEdit.appendPlainText(msg.text)
-            elif msg.kind == process.PROGRESS:
-                if msg.fraction is None:
-                    self.ui.progressBar.setRange(0, 0)
-                else:
-                    self.ui.progressBar.setRange(0, 1000)
-                    self.ui.progressBar.value = int(round(1000 * msg.fraction))
+            elif msg.kind == M.EVENT:
+                record = msg.record
+                fraction = M.fraction(record)
+                if fraction is not None and record.event in ("start", "step", "done"):
+                    self.ui.progressBar.value = int(round(1000 * fraction))
+                if record.event == "val":
+                    self.ui.validationLabel.text = M.describe(record)
+                elif record.event != "checkpoint" and not (monitor.stop_requested and record.event == "step"):
+                    self.ui.statusLabel.text = M.describe(record)
+            elif msg.kind == M.FINISHED:
                 self.ui.statusLabel.text = msg.text
-            elif msg.kind == process.FINISHED:
-                if msg.stopped:
-                    self.ui.statusLabel.text = _("Training stopped.")
-                elif msg.returncode == 0:
-                    self.ui.statusLabel.text = _("Training finished: {path}").format(path=self._settings().output)
-                else:
-                    self.ui.statusLabel.text = _("Training failed (exit code {code}); see the log.").format(code=msg.returncode)
-        if self._run.finished:
-            self._pollTimer.stop()
-            self._run = None
-            self.ui.progressBar.setRange(0, 1000)
-            self._setBusy(False)
+                if msg.outcome == M.DONE:
+                    self.ui.progressBar.value = 1000
+        curves = monitor.curves_update()
+        if curves:
+            self._loadCurves(curves)
+        if monitor.finished:
+            self._detach()
+            self._folderStatus = self.logic.train_logic().run_status(monitor.run_dir)
+            self.ui.stopButton.text = _("Stop")
+        self._updateButtons()
+
+    def _loadCurves(self, path: str) -> None:
+        if not os.path.isfile(path):
+            return
+        pixmap = qt.QPixmap(path)
+        if pixmap.isNull():
+            return
+        self._curvesPixmap = pixmap
+        width = max(200, self.ui.curvesLabel.width)
+        self.ui.curvesLabel.wordWrap = False  # a word-wrapped label sizes itself by its text, not its picture
+        self.ui.curvesLabel.setPixmap(pixmap.scaledToWidth(width, qt.Qt.SmoothTransformation))
+
+    def _updateButtons(self) -> None:
+        running = self._monitor is not None
+        runFolder = self._runFolder()
+        status = self._folderStatus
+        self.ui.startButton.enabled = not running
+        self.ui.stopButton.enabled = running
+        self.ui.resumeButton.enabled = not running and status is not None and status.can_resume
+        self.ui.useModelButton.enabled = bool(runFolder) and os.path.isfile(os.path.join(runFolder, C.MODEL_FILE))
+
+    # -- results -----------------------------------------------------------------------------------
+    def onUseModel(self, *unused) -> None:
+        try:
+            from SSSSegmentLib import constants as SC
+
+            segmentParameters = slicer.util.getModuleLogic("SSSSegment").getParameterNode()
+            path = self.logic.train_logic().hand_over_model(self._runFolder(), segmentParameters, SC.TASK_MODEL_CHOICE)
+            slicer.util.selectModule("SSSSegment")
+            logging.info("SSS Train: SSS Segment now uses the task model %s", path)
+        except Exception as e:
+            self._showError(e, _("Could not hand the model to SSS Segment"))
+
+    def onCopyCommand(self, *unused) -> None:
+        try:
+            with slicer.util.WaitCursor():
+                text = self.logic.train_logic().copy_command(
+                    self._settings(), slicer.mrmlScene, int(self._parameterNode.gpus), progress=self._progress)
+            qt.QApplication.clipboard().setText(text)
+            self.ui.logTextEdit.appendPlainText(text)
+            self.ui.statusLabel.text = _("The training command lines are on the clipboard (and in the log below).")
+        except Exception as e:
+            self._showError(e, _("Could not make the command"))
 
 
 #
@@ -221,7 +544,12 @@ class SSSTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class SSSTrainLogic(ScriptedLoadableModuleLogic):
-    """Slicer-side wrapper of SSSTrainLib.logic.TrainLogic (the GUI-free part)."""
+    """Slicer-side wrapper of SSSTrainLib.logic.TrainLogic (the GUI-free part). From the Python console:
+
+        logic = slicer.util.getModuleLogic("SSSTrain").train_logic()
+        settings = TrainSettings(run_dir="/data/runs/liver")  # from SSSTrainLib.settings
+        monitor = logic.start(settings, slicer.mrmlScene)      # then monitor.poll(), monitor.stop()
+    """
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
@@ -239,12 +567,28 @@ class SSSTrainLogic(ScriptedLoadableModuleLogic):
         return ""
 
     @staticmethod
-    def train_logic() -> TrainLogic:
-        """A TrainLogic using this Slicer's Python (PythonSlicer) and this extension's sss_lib."""
+    def python() -> str:
+        """The interpreter for training: PythonSlicer inside Slicer, this interpreter elsewhere."""
+        if _inSlicerApplication():
+            found = shutil.which("PythonSlicer")
+            if found:
+                return found
+        return sys.executable
+
+    @staticmethod
+    def train_logic_class():
+        from SSSTrainLib.logic import TrainLogic
+
+        return TrainLogic
+
+    @classmethod
+    def train_logic(cls, entry=None):
+        """A TrainLogic using this Slicer's Python and this extension's sss_lib."""
         from SSSSegmentLib.paths import ensure_sss_lib_importable
 
         root = ensure_sss_lib_importable(os.path.dirname(os.path.abspath(__file__)))
-        return TrainLogic(python=sys.executable, sss_lib_root=root)
+        baseEnv = slicer.util.startupEnvironment() if _inSlicerApplication() else None
+        return cls.train_logic_class()(python=cls.python(), sss_lib_root=root, entry=entry, base_env=baseEnv)
 
 
 #
@@ -253,26 +597,95 @@ class SSSTrainLogic(ScriptedLoadableModuleLogic):
 
 
 class SSSTrainTest(ScriptedLoadableModuleTest):
+    """The scenarios of tests/slicer (SSSTrainLib/testing.py), run inside Slicer with real MRML and
+    real processes (a stand-in trainer that follows the run contract)."""
+
     def setUp(self):
         slicer.mrmlScene.Clear()
+        self._tempFolders = []
+
+    def tearDown(self):
+        for folder in getattr(self, "_tempFolders", []):
+            shutil.rmtree(folder, ignore_errors=True)
+        self._tempFolders = []
 
     def runTest(self):
         self.setUp()
         self.test_status_text()
-        if sys.version_info >= MINIMUM_PYTHON:
+        if sys.version_info < MINIMUM_PYTHON:
+            return
+        for test in (self.test_export_scene_cases, self.test_class_values, self.test_start_stop_resume_use_model,
+                     self.test_reattach, self.test_failure, self.test_copy_command):
             self.setUp()
-            self.test_training_unavailable_is_explained()
+            try:
+                test()
+            finally:
+                self.tearDown()
+
+    def _logic(self):
+        from SSSTrainLib import testing
+
+        logic = SSSTrainLogic.train_logic(entry=[SSSTrainLogic.python(), testing.FAKE_TRAINER])
+        logic.extra_env[testing.STEP_ENV] = "0.03"
+        return logic
+
+    def _runDir(self) -> str:
+        import tempfile
+
+        folder = tempfile.mkdtemp(prefix="SSSTrainTest-")
+        self._tempFolders.append(folder)
+        return os.path.join(folder, "run")
 
     def test_status_text(self):
         self.assertIn("5.10", SSSTrainLogic.statusText((3, 9, 10)))
         self.assertEqual(SSSTrainLogic.statusText((3, 12, 0)), "")
         self.delayDisplay("Version message test passed")
 
-    def test_training_unavailable_is_explained(self):
-        logic = SSSTrainLogic.train_logic()
-        if "train" in logic.sss_lib_commands():
-            self.delayDisplay("sss_lib has a train command")
-            return
-        with self.assertRaises(TrainingUnavailableError):
-            logic.train_command(TrainSettings(dataset="/data/ds", output="/data/model.ssstask"))
-        self.delayDisplay("Training-unavailable test passed")
+    def test_export_scene_cases(self):
+        from SSSTrainLib import testing
+
+        self.delayDisplay("Scene cases -> nnU-Net v2 raw dataset")
+        testing.scenario_export_scene_cases(slicer.mrmlScene, self._logic(), self._runDir())
+        self.delayDisplay("Export passed")
+
+    def test_class_values(self):
+        from SSSTrainLib import testing
+
+        testing.scenario_class_values_follow_sss_tags(slicer.mrmlScene)
+        self.delayDisplay("Class table passed")
+
+    def _segmentParameters(self):
+        if _inSlicerApplication() and hasattr(slicer.modules, "sssegment"):
+            return slicer.util.getModuleLogic("SSSSegment").getParameterNode()
+        import types
+
+        return types.SimpleNamespace(model="auto", taskModelPath=None)  # SSS Segment not loaded
+
+    def test_start_stop_resume_use_model(self):
+        from SSSSegmentLib import constants as SC
+        from SSSTrainLib import testing
+
+        self.delayDisplay("Start, stop, resume, use the model")
+        testing.scenario_train_stop_resume(slicer.mrmlScene, self._logic(), self._runDir(), self._segmentParameters(),
+                                           SC.TASK_MODEL_CHOICE)
+        self.delayDisplay("Run control passed")
+
+    def test_reattach(self):
+        from SSSTrainLib import testing
+
+        self.delayDisplay("A reopened panel finds the run still going")
+        testing.scenario_reattach(slicer.mrmlScene, self._logic, self._runDir())
+        self.delayDisplay("Re-attach passed")
+
+    def test_failure(self):
+        from SSSTrainLib import testing
+
+        runDir = self._runDir()
+        testing.scenario_failure_is_reported(self._logic(), runDir, os.path.join(os.path.dirname(runDir), "no such data"))
+        self.delayDisplay("Failure report passed")
+
+    def test_copy_command(self):
+        from SSSTrainLib import testing
+
+        testing.scenario_copy_command(slicer.mrmlScene, self._logic(), self._runDir())
+        self.delayDisplay("Copy command passed")

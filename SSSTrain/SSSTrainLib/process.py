@@ -1,147 +1,207 @@
-"""Run a long job (training) in a separate Python process and follow it from the GUI thread.
+"""Start the training process detached from Slicer, follow its output files, stop it.
 
-Training takes hours and needs all of a GPU, so it runs outside Slicer's process (SLICER_API.md
-section 5): ``PythonSlicer -m sss_lib <command> ...``. A reader thread moves the child's output lines
-to a queue that the panel drains with a QTimer.
+Training takes hours, so the process must outlive the panel, and even Slicer: it runs in its own
+session (process group), reads nothing from Slicer, and writes its stdout (progress records, JSON
+lines) and stderr (the readable console view) to files in ``RUN/slicer/`` instead of pipes. Any
+panel, the one that started it or a later one, follows a run the same way: by reading those
+files (:class:`FileTail`) and checking the process (:func:`pid_alive`).
 
-Contract with the child process:
+Stopping is the run contract's stop file ``RUN/STOP`` (also named by ``$SSS_STOP_FILE``): the
+trainer ends at a clean point with a checkpoint. PythonSlicer is a launcher that starts the real
+interpreter as a child, so a signal to the launcher alone would miss the trainer;
+:func:`kill_process_tree` ends the whole group, for a run that no longer answers.
 
-* progress: a stdout line ``SSS_PROGRESS {"fraction": 0.25, "message": "epoch 3/12"}`` (JSON object;
-  ``fraction`` in 0..1 or null); every other line is log text;
-* stop: the child polls the file named by the environment variable ``SSS_STOP_FILE`` and, once it
-  exists, finishes the current step, saves what it must and exits with status 0. After
-  ``grace_seconds`` the runner terminates the process (PythonSlicer is a launcher: killing it may
-  leave the real interpreter running, which is why the stop file comes first).
+Python 3.9 compatible, no Qt.
 """
 
-import dataclasses
-import json
 import os
-import queue
+import signal
 import subprocess
-import tempfile
-import threading
-import time
-from typing import Callable, Dict, List, Optional, Sequence
+import sys
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
-PROGRESS_PREFIX = "SSS_PROGRESS "
-STOP_FILE_ENV = "SSS_STOP_FILE"
-
-LOG = "log"
-PROGRESS = "progress"
-FINISHED = "finished"
+from . import constants as C
+from .runstate import RunState, new_state, panel_dir, write_state
 
 
-@dataclasses.dataclass
-class ProcessMessage:
-    """``kind`` LOG (``text``), PROGRESS (``fraction`` or None, ``text``) or FINISHED (``returncode``;
-    ``stopped`` when the user asked to stop)."""
-
-    kind: str
-    text: str = ""
-    fraction: Optional[float] = None
-    returncode: Optional[int] = None
-    stopped: bool = False
+def stop_file(run_dir: str) -> str:
+    return os.path.join(run_dir, C.STOP_FILE)
 
 
-def parse_line(line: str) -> ProcessMessage:
-    """One output line as a message; a malformed progress line is kept as log text."""
-    line = line.rstrip("\r\n")
-    if line.startswith(PROGRESS_PREFIX):
-        try:
-            data = json.loads(line[len(PROGRESS_PREFIX):])
-            fraction = data.get("fraction")
-            fraction = None if fraction is None else min(1.0, max(0.0, float(fraction)))
-            return ProcessMessage(PROGRESS, text=str(data.get("message", "")), fraction=fraction)
-        except (ValueError, TypeError, AttributeError):
-            pass
-    return ProcessMessage(LOG, text=line)
+def stdout_file(run_dir: str) -> str:
+    return os.path.join(panel_dir(run_dir), C.STDOUT_FILE)
 
 
-Launcher = Callable[[List[str], Dict[str, str]], "subprocess.Popen"]
+def console_file(run_dir: str) -> str:
+    return os.path.join(panel_dir(run_dir), C.CONSOLE_FILE)
 
 
-def default_launcher(args: List[str], env_update: Dict[str, str]) -> "subprocess.Popen":
-    """Plain ``subprocess.Popen`` with text output, stderr merged (Slicer: launchConsoleProcess)."""
-    env = dict(os.environ)
-    env.update(env_update)
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
-
-
-class ProcessRun:
-    """One child process, its reader thread and its stop file.
+def launch(
+    command: Sequence[str],
+    run_dir: str,
+    env_update: Optional[Mapping[str, str]] = None,
+    base_env: Optional[Mapping[str, str]] = None,
+    resumed: bool = False,
+) -> Tuple["subprocess.Popen", RunState]:
+    """Start ``command`` for the run in ``run_dir``, detached, and record it in the run-state file.
 
     Args:
-        args: the command line.
-        env: variables added to the child's environment (``SSS_STOP_FILE`` is added here).
-        launcher: starts the process; inside Slicer pass one based on ``slicer.util.launchConsoleProcess``.
+        command: the full command line (interpreter first).
+        run_dir: the run folder (created if missing); also the process's working folder.
+        env_update: variables added to the environment.
+        base_env: the environment to start from (inside Slicer: ``slicer.util.startupEnvironment()``,
+            so PythonSlicer sets up its own paths); default ``os.environ``.
+        resumed: the command continues an earlier run (recorded in the state file).
+
+    Returns:
+        The process and its :class:`RunState`. Its stdout and stderr are appended to
+        ``RUN/slicer/stdout.jsonl`` and ``RUN/slicer/console.log``; a stale ``RUN/STOP`` is removed
+        first (it would end the new run at once).
+    """
+    os.makedirs(panel_dir(run_dir), exist_ok=True)
+    env = dict(os.environ if base_env is None else base_env)
+    env.update(env_update or {})
+    env[C.STOP_FILE_ENV] = os.path.abspath(stop_file(run_dir))
+    env["PYTHONUNBUFFERED"] = "1"  # progress records must reach the file as they happen
+    if os.path.exists(stop_file(run_dir)):
+        os.remove(stop_file(run_dir))
+    kwargs: Dict[str, object] = {}
+    if sys.platform == "win32":
+        info = subprocess.STARTUPINFO()
+        info.dwFlags |= subprocess.STARTF_USESHOWWINDOW  # no console window
+        info.wShowWindow = 0
+        kwargs["startupinfo"] = info
+        kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | 0x08000000  # CREATE_NO_WINDOW
+    else:
+        kwargs["start_new_session"] = True  # survives Slicer; its group can be ended as one
+    out = open(stdout_file(run_dir), "ab")
+    err = open(console_file(run_dir), "ab")
+    try:
+        proc = subprocess.Popen(list(command), stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=run_dir, env=env, **kwargs)
+    finally:
+        out.close()
+        err.close()
+    state = new_state(run_dir, proc.pid, list(command), resumed)
+    write_state(state)
+    return proc, state
+
+
+def request_stop(run_dir: str) -> str:
+    """Create the stop file; the trainer stops at its next clean point. Returns the file."""
+    path = stop_file(run_dir)
+    with open(path, "w") as f:
+        f.write("stop requested by the SSS Train panel\n")
+    return path
+
+
+def pid_alive(pid: int) -> bool:
+    """True while process ``pid`` exists on this computer (a zombie child of ours counts as ended)."""
+    if pid <= 0:
+        return False
+    if sys.platform == "win32":
+        return _windows_pid_alive(pid)
+    try:
+        reaped, _ = os.waitpid(pid, os.WNOHANG)
+        if reaped == pid:
+            return False
+    except ChildProcessError:
+        pass  # not our child: ask the kernel below
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _windows_pid_alive(pid: int) -> bool:
+    import ctypes
+
+    kernel32 = ctypes.windll.kernel32
+    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+    if not handle:
+        return False
+    try:
+        code = ctypes.c_ulong()
+        if not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
+            return False
+        return code.value == 259  # STILL_ACTIVE
+    finally:
+        kernel32.CloseHandle(handle)
+
+
+def kill_process_tree(pid: int) -> None:
+    """End process ``pid`` and everything it started, at once (no checkpoint is written)."""
+    if sys.platform == "win32":
+        subprocess.run(["taskkill", "/PID", str(pid), "/T", "/F"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return
+    try:
+        if os.getpgid(pid) == pid:  # launch() made it a group leader: the group holds the real trainer
+            os.killpg(pid, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+class FileTail:
+    """The complete lines appended to a file since the last read (the last, unfinished line waits).
+
+    Args:
+        path: the file (it may not exist yet).
+        backlog: start this many bytes before the end (None: at the beginning; 0: at the end), at
+            the start of a line.
+
+    A file that shrinks or is replaced (another inode) is read again from its beginning.
     """
 
-    def __init__(self, args: Sequence[str], env: Optional[Dict[str, str]] = None, launcher: Optional[Launcher] = None) -> None:
-        self.args = list(args)
-        self._env = dict(env or {})
-        fd, self.stop_file = tempfile.mkstemp(prefix="sss_stop_", suffix=".flag")
-        os.close(fd)
-        os.unlink(self.stop_file)  # the file's *existence* is the signal
-        self._env[STOP_FILE_ENV] = self.stop_file
-        self._launcher = launcher or default_launcher
-        self._queue: "queue.Queue[ProcessMessage]" = queue.Queue()
-        self._proc: Optional[subprocess.Popen] = None
-        self._reader: Optional[threading.Thread] = None
-        self._stop_requested_at: Optional[float] = None
-        self.finished = False
-
-    def start(self) -> "ProcessRun":
-        self._proc = self._launcher(self.args, self._env)
-        self._reader = threading.Thread(target=self._read, name="SSS process reader", daemon=True)
-        self._reader.start()
-        return self
-
-    def stop(self) -> None:
-        """Ask the child to stop (stop file); :meth:`poll` terminates it after the grace period."""
-        if self._stop_requested_at is None:
-            self._stop_requested_at = time.monotonic()
-            with open(self.stop_file, "w") as f:
-                f.write("stop\n")
-
-    def poll(self, grace_seconds: float = 30.0) -> List[ProcessMessage]:
-        """Messages since the last poll (main thread); terminates a child that ignores the stop file."""
-        if (
-            self._stop_requested_at is not None
-            and self._proc is not None
-            and self._proc.poll() is None
-            and time.monotonic() - self._stop_requested_at > grace_seconds
-        ):
-            self._proc.terminate()
-        out = []
-        while True:
+    def __init__(self, path: str, backlog: Optional[int] = None) -> None:
+        self.path = path
+        self._offset = 0
+        self._partial = b""
+        self._ident: Optional[Tuple[int, int]] = None
+        self._skip_first = False
+        if backlog is not None:
             try:
-                msg = self._queue.get_nowait()
-            except queue.Empty:
-                return out
-            if msg.kind == FINISHED:
-                self.finished = True
-                self._cleanup()
-            out.append(msg)
+                st = os.stat(path)
+            except OSError:
+                return
+            self._ident = (st.st_dev, st.st_ino)
+            self._offset = max(0, st.st_size - backlog)
+            self._skip_first = self._offset > 0 and not self._at_line_start()
 
-    def wait(self, timeout: float = 60.0, grace_seconds: float = 30.0) -> List[ProcessMessage]:
-        """Poll until the child ends (tests, scripts)."""
-        deadline = time.monotonic() + timeout
-        out: List[ProcessMessage] = []
-        while not self.finished:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.args[:3]} did not finish in {timeout} s")
-            out += self.poll(grace_seconds)
-            time.sleep(0.02)
-        return out
+    def _at_line_start(self) -> bool:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._offset - 1)
+                return f.read(1) == b"\n"
+        except OSError:
+            return False
 
-    def _read(self) -> None:
-        assert self._proc is not None and self._proc.stdout is not None
-        for line in self._proc.stdout:
-            self._queue.put(parse_line(line))
-        code = self._proc.wait()
-        self._queue.put(ProcessMessage(FINISHED, returncode=code, stopped=self._stop_requested_at is not None))
-
-    def _cleanup(self) -> None:
-        if os.path.exists(self.stop_file):
-            os.unlink(self.stop_file)
+    def read_lines(self) -> List[str]:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return []
+        ident = (st.st_dev, st.st_ino)
+        if (self._ident is not None and ident != self._ident) or st.st_size < self._offset:
+            self._offset, self._partial, self._skip_first = 0, b"", False
+        self._ident = ident
+        if st.st_size == self._offset:
+            return []
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read(st.st_size - self._offset)
+        except OSError:
+            return []
+        self._offset += len(data)
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        if self._skip_first and lines:
+            lines.pop(0)  # started mid-line
+            self._skip_first = False
+        return [line.decode("utf-8", "replace").rstrip("\r") for line in lines]

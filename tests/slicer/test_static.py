@@ -412,7 +412,24 @@ def test_train_choices_match_ui_and_registry() -> None:
         if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name) and n.targets[0].id in ("BACKBONES", "DEVICES")
     }
     assert set(values["BACKBONES"]) == set(BACKBONE_NAMES) - {"auto"}  # training needs a definite backbone
+    import sys
+
+    sys.path.insert(0, str(REPO / "SSSTrain"))
+    from SSSTrainLib import constants
+
     widgets = ui_widgets(load_ui("SSSTrain"))
-    for name, choices in (("backboneComboBox", values["BACKBONES"]), ("deviceComboBox", values["DEVICES"])):
+    for name, choices in (("backboneComboBox", values["BACKBONES"]), ("deviceComboBox", values["DEVICES"]),
+                          ("labeledSourceComboBox", constants.LABELED_SOURCES),
+                          ("unlabeledSourceComboBox", constants.UNLABELED_SOURCES)):
         items = [i.find("property").findtext("string") for i in widgets[name].findall("item")]
         assert items == choices, f"{name} items {items} differ from {choices}"
+
+
+def test_train_panel_shows_every_setting() -> None:
+    """Every field of SSSTrain's parameter node has its widget (the panel is the whole run's settings)."""
+    bound = {
+        widget_property(w, "SlicerParameterName").findtext("string")
+        for w in ui_widgets(load_ui("SSSTrain")).values()
+        if widget_property(w, "SlicerParameterName") is not None
+    }
+    assert set(wrapper_fields("SSSTrain")) == bound

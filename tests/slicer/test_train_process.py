@@ -1,123 +1,302 @@
-"""SSSTrain's GUI-free parts: the training-process runner (progress, log, stop) and the dataset check."""
+"""SSSTrain's process handling: a detached launch whose output goes to files, following those
+files, stopping, killing a launcher's whole process tree, the run-state file, and the status texts.
+Real child processes throughout; the trainer is a stand-in where the test needs one."""
 
+import json
+import os
+import signal
+import socket
 import sys
 import textwrap
+import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO / "SSSTrain") not in sys.path:
     sys.path.insert(0, str(REPO / "SSSTrain"))
 
-# A stand-in for `python -m sss_lib train`: reports progress, logs, honours the stop file.
+
+def _wait(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.02)
+
+
+# -- FileTail ------------------------------------------------------------------------------------------
+
+
+def test_file_tail_returns_complete_lines_only(tmp_path):
+    from SSSTrainLib.process import FileTail
+
+    path = tmp_path / "out.log"
+    tail = FileTail(str(path))
+    assert tail.read_lines() == []  # no file yet
+    with open(path, "ab") as f:
+        f.write(b"one\ntw")
+    assert tail.read_lines() == ["one"]
+    with open(path, "ab") as f:
+        f.write(b"o\r\nthr\xc3\xa9e\n")
+    assert tail.read_lines() == ["two", "thr\u00e9e"]
+    assert tail.read_lines() == []
+
+
+def test_file_tail_rereads_a_replaced_or_truncated_file(tmp_path):
+    from SSSTrainLib.process import FileTail
+
+    path = tmp_path / "history.jsonl"
+    path.write_text("a\nb\nc\n")
+    tail = FileTail(str(path))
+    assert tail.read_lines() == ["a", "b", "c"]
+    replacement = tmp_path / "new"
+    replacement.write_text("a\nb\nc\nd\n")
+    os.replace(replacement, path)  # what truncate_history does on resume: another inode
+    assert tail.read_lines() == ["a", "b", "c", "d"]
+    path.write_text("x\n")  # same inode, shorter
+    assert tail.read_lines() == ["x"]
+
+
+def test_file_tail_backlog_starts_at_a_line(tmp_path):
+    from SSSTrainLib.process import FileTail
+
+    path = tmp_path / "out.log"
+    path.write_text("".join(f"line {n}\n" for n in range(100)))
+    assert FileTail(str(path), backlog=0).read_lines() == []
+    assert FileTail(str(path), backlog=20).read_lines() == ["line 98", "line 99"]
+    assert FileTail(str(path), backlog=16).read_lines() == ["line 98", "line 99"]  # exactly at a line start
+    assert len(FileTail(str(path)).read_lines()) == 100
+
+
+# -- launch, stop, kill -----------------------------------------------------------------------------------
+
 CHILD = textwrap.dedent("""
-    import json, os, sys, time
-    stop = os.environ["SSS_STOP_FILE"]
-    steps = int(sys.argv[1])
-    for i in range(steps):
-        if os.path.exists(stop):
-            print("stopping at step", i, flush=True)
-            sys.exit(0)
-        print("SSS_PROGRESS " + json.dumps({"fraction": (i + 1) / steps, "message": f"step {i + 1}/{steps}"}), flush=True)
-        print(f"loss {1.0 / (i + 1):.3f}", flush=True)
-        time.sleep(0.05)
-    sys.exit(int(sys.argv[2]))
+    import os, sys, time
+    print("pid", os.getpid(), "pgid", os.getpgid(0), flush=True)
+    print("stop file", os.environ["SSS_STOP_FILE"], file=sys.stderr, flush=True)
+    while not os.path.exists(os.environ["SSS_STOP_FILE"]):
+        time.sleep(0.02)
+    print("stopping", file=sys.stderr, flush=True)
 """)
-STUBBORN = "import time\nprint('working', flush=True)\ntime.sleep(60)\n"
+
+# A launcher like PythonSlicer: it starts the real interpreter as its child and waits for it.
+LAUNCHER = textwrap.dedent("""
+    import subprocess, sys
+    child = subprocess.Popen([sys.executable, "-c", "import os, time; print(os.getpid(), flush=True); time.sleep(120)"])
+    sys.exit(child.wait())
+""")
 
 
-def test_progress_and_log_lines_reach_the_main_thread():
+def test_launch_is_detached_writes_files_and_obeys_the_stop_file(tmp_path):
+    from SSSTrainLib import process
+    from SSSTrainLib.runstate import read_state
+
+    run = str(tmp_path / "run")
+    os.makedirs(run)
+    (tmp_path / "run" / "STOP").write_text("left by an earlier run")
+    proc, state = process.launch([sys.executable, "-c", CHILD], run, {"EXTRA": "1"})
+    assert read_state(run) == state and state.pid == proc.pid and state.host == socket.gethostname()
+    assert not os.path.exists(process.stop_file(run)), "a stale stop file must go before the launch"
+    out = process.FileTail(process.stdout_file(run))
+    lines = []
+    _wait(lambda: lines.extend(out.read_lines()) or lines)
+    assert lines == [f"pid {proc.pid} pgid {proc.pid}"], "the trainer leads its own process group (outlives Slicer)"
+    assert process.pid_alive(proc.pid) is True
+    process.request_stop(run)
+    assert proc.wait(30) == 0
+    console = Path(process.console_file(run)).read_text().splitlines()
+    assert console == [f"stop file {os.path.abspath(process.stop_file(run))}", "stopping"]
+
+
+def test_kill_process_tree_ends_the_launcher_and_its_child(tmp_path):
     from SSSTrainLib import process
 
-    messages = process.ProcessRun([sys.executable, "-c", CHILD, "4", "0"]).start().wait(30)
-    progress = [m for m in messages if m.kind == process.PROGRESS]
-    assert [m.fraction for m in progress] == [0.25, 0.5, 0.75, 1.0]
-    assert progress[-1].text == "step 4/4"
-    assert [m.text for m in messages if m.kind == process.LOG] == ["loss 1.000", "loss 0.500", "loss 0.333", "loss 0.250"]
-    assert messages[-1].kind == process.FINISHED and messages[-1].returncode == 0 and not messages[-1].stopped
+    run = str(tmp_path / "run")
+    proc, _ = process.launch([sys.executable, "-c", LAUNCHER], run)
+    out = process.FileTail(process.stdout_file(run))
+    lines = []
+    _wait(lambda: lines.extend(out.read_lines()) or lines)
+    child = int(lines[0])
+    assert process.pid_alive(child)
+    process.kill_process_tree(proc.pid)
+    assert proc.wait(30) == -signal.SIGKILL
+    _wait(lambda: not process.pid_alive(child))
 
 
-def test_failure_exit_code_is_reported():
+def test_pid_alive_for_ended_and_unknown_processes(tmp_path):
+    import subprocess
+
+    from SSSTrainLib.process import pid_alive
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    assert pid_alive(proc.pid) is False
+    assert pid_alive(os.getpid()) is True and pid_alive(0) is False
+
+
+def test_run_state_from_another_computer_is_not_trusted(tmp_path):
+    import dataclasses
+
+    from SSSTrainLib.logic import TrainLogic
+    from SSSTrainLib.monitor import RunMonitor
+    from SSSTrainLib.runstate import new_state, read_state, write_state
+
+    state = dataclasses.replace(new_state(str(tmp_path), os.getpid(), ["python"], False), host="gpu-server-7")
+    write_state(state)
+    assert read_state(str(tmp_path)) == state
+    assert RunMonitor(str(tmp_path)).alive() is None
+    assert TrainLogic.run_status(str(tmp_path)).running is None
+    (tmp_path / "slicer" / "run_state.json").write_text("{half")
+    assert read_state(str(tmp_path)) is None
+
+
+# -- monitor -----------------------------------------------------------------------------------------------
+
+
+def test_monitor_of_a_process_that_ends_without_a_report(tmp_path):
+    from SSSTrainLib import monitor as M
     from SSSTrainLib import process
 
-    messages = process.ProcessRun([sys.executable, "-c", CHILD, "1", "3"]).start().wait(30)
-    assert messages[-1].returncode == 3
+    run = str(tmp_path / "run")
+    script = "import sys; print('not json', flush=True); print('Traceback: boom', file=sys.stderr); sys.exit(3)"
+    proc, state = process.launch([sys.executable, "-c", script], run)
+    mon = M.RunMonitor(run, process=proc, state=state, backlog=0)
+    messages = []
+    _wait(lambda: messages.extend(mon.poll()) or mon.finished)
+    assert [m.text for m in messages if m.kind == M.LOG] == ["not json", "Traceback: boom"]
+    end = messages[-1]
+    assert end.kind == M.FINISHED and end.outcome == M.FAILED and end.returncode == 3 and "exit code 3" in end.text
+    assert mon.poll() == []
 
 
-def test_stop_file_stops_the_child_cleanly():
-    from SSSTrainLib import process
+def test_monitor_follows_a_command_line_run_through_its_history(tmp_path):
+    """A run started in a terminal has no panel files: its history.jsonl is followed."""
+    from SSSTrainLib import monitor as M
+    from sss_lib.runs import ProgressReporter
 
-    run = process.ProcessRun([sys.executable, "-c", CHILD, "1000", "0"]).start()
-    first = []
-    while not any(m.kind == process.PROGRESS for m in first):
-        first += run.poll()
-    run.stop()
-    messages = first + run.wait(30)
-    assert messages[-1].stopped and messages[-1].returncode == 0
-    assert any(m.text.startswith("stopping at step") for m in messages)
-    assert len([m for m in messages if m.kind == process.PROGRESS]) < 1000
-
-
-def test_a_child_ignoring_the_stop_file_is_terminated_after_the_grace_period():
-    from SSSTrainLib import process
-
-    run = process.ProcessRun([sys.executable, "-c", STUBBORN]).start()
-    while not run.poll(grace_seconds=0.2) and not run.finished:
-        pass
-    run.stop()
-    messages = run.wait(20, grace_seconds=0.2)
-    assert messages[-1].stopped and messages[-1].returncode != 0
+    reporter = ProgressReporter(10, stream=open(os.devnull, "w"), console_view=False, history=tmp_path / "history.jsonl")
+    reporter.start()
+    reporter.step(1, {"total": 0.9})
+    mon = M.RunMonitor(str(tmp_path))
+    assert mon.source.endswith("history.jsonl") and mon.alive() is None
+    messages = mon.poll()
+    assert [m.record.step for m in messages] == [1] and not mon.finished
+    reporter.step(2, {"total": 0.8})
+    reporter.val(2, {"liver": 0.7})
+    messages = mon.poll()
+    assert [(m.record.event, m.record.step) for m in messages] == [("step", 2), ("val", 2)]
+    assert mon.last_val.val_dice == {"liver": 0.7} and not mon.finished
 
 
-def test_malformed_progress_lines_stay_log_text():
-    from SSSTrainLib import process
-
-    assert process.parse_line("SSS_PROGRESS {not json").kind == process.LOG
-    msg = process.parse_line('SSS_PROGRESS {"fraction": 1.7, "message": "x"}\n')
-    assert msg.kind == process.PROGRESS and msg.fraction == 1.0
-
-
-@pytest.fixture
-def nnunet_dataset(tmp_path):
-    import json
-
-    import SimpleITK as sitk
-
-    root = tmp_path / "Dataset001_Toy"
-    for sub in ("imagesTr", "labelsTr", "imagesTs"):
-        (root / sub).mkdir(parents=True)
-    for case in ("toy_001", "toy_002"):
-        sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 8, 8), np.int16)), str(root / "imagesTr" / f"{case}_0000.nii.gz"))
-        sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 8, 8), np.uint8)), str(root / "labelsTr" / f"{case}.nii.gz"))
-    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 8, 8), np.int16)), str(root / "imagesTs" / "toy_101_0000.nii.gz"))
-    (root / "dataset.json").write_text(json.dumps({
-        "channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1}, "numTraining": 2, "file_ending": ".nii.gz",
-    }))
-    return root
-
-
-def test_dataset_check_summarises_cases_and_classes(nnunet_dataset):
-    from SSSTrainLib.logic import DatasetError, TrainLogic
+def test_a_command_line_run_is_followed_while_its_history_is_fresh(tmp_path):
+    from SSSTrainLib.logic import TrainLogic
+    from sss_lib.runs import ProgressReporter
 
     logic = TrainLogic(python=sys.executable)
-    summary = logic.check_dataset(str(nnunet_dataset))
-    assert "3 cases, 2 labeled, 1 unlabeled" in summary and "1 liver" in summary
-    with pytest.raises(DatasetError, match="not found"):
-        logic.check_dataset(str(nnunet_dataset / "missing"))
-    with pytest.raises(DatasetError, match="Select the dataset"):
-        logic.check_dataset("")
+    assert logic.attach(str(tmp_path)) is None
+    reporter = ProgressReporter(10, stream=open(os.devnull, "w"), console_view=False, history=tmp_path / "history.jsonl")
+    reporter.start()
+    reporter.step(1, {"total": 0.9})
+    monitor = logic.attach(str(tmp_path))
+    assert monitor is not None and monitor.source.endswith("history.jsonl") and not monitor.owned
+    assert [m.record.step for m in monitor.poll()] == [1]
+    old = time.time() - 3600
+    os.utime(tmp_path / "history.jsonl", (old, old))
+    assert logic.attach(str(tmp_path)) is None, "an hour-old history is a finished or dead run"
 
 
-def test_training_command_waits_for_sss_lib_train(nnunet_dataset, tmp_path):
-    from SSSTrainLib.logic import TrainingUnavailableError, TrainLogic, TrainSettings
+def test_status_texts():
+    from SSSTrainLib import monitor as M
+    from sss_lib.runs.progress import ProgressRecord
 
-    logic = TrainLogic(python=sys.executable)
-    settings = TrainSettings(dataset=str(nnunet_dataset), output=str(tmp_path / "toy.ssstask"), iterations=10)
-    if "train" in logic.sss_lib_commands():
-        args = logic.train_command(settings)
-        assert args[:4] == [sys.executable, "-m", "sss_lib", "train"] and "--output" in args
-    else:
-        with pytest.raises(TrainingUnavailableError, match="no 'train' command"):
-            logic.train_command(settings)
+    assert M.format_duration(None) == "?" and M.format_duration(35.4) == "35 s"
+    assert M.format_duration(250) == "4 min 10 s" and M.format_duration(3900) == "1 h 05 min"
+    step = ProgressRecord("step", 250, 1000, losses={"total": 0.41234, "sup": 0.3}, mask_ratio=0.73, eta_s=3900)
+    assert M.describe(step) == "Step 250/1000  |  loss 0.4123  |  trusted pixels 73%  |  ETA 1 h 05 min"
+    assert M.fraction(step) == 0.25 and M.fraction(ProgressRecord("start")) is None
+    val = ProgressRecord("val", 500, 1000, val_dice={"liver": 0.9, "tumour": None})
+    assert M.describe(val) == "Validation at step 500: Dice liver 0.9000, tumour n/a"
+    error = ProgressRecord("error", 3, 10, message="CUDA out of memory: lower --labeled-batch")
+    assert M.finished_text(M.FAILED, error, 1, None) == (
+        "Training failed at step 3 (exit code 1): CUDA out of memory: lower --labeled-batch")
+
+
+# -- settings -------------------------------------------------------------------------------------------
+
+
+def test_train_arguments_spell_out_every_setting(tmp_path):
+    from SSSTrainLib import constants as C
+    from SSSTrainLib.settings import TrainSettings, train_arguments, train_command
+
+    s = TrainSettings(run_dir="/runs/liver", labeled_source=C.SOURCE_FOLDER, labeled_folder="/data/Dataset003_Liver",
+                      unlabeled_source=C.SOURCE_FOLDER, unlabeled_folder="/data/unlabeled", backbone="sam2.1_hiera_small",
+                      device="cuda", iterations=500, dfe=False, consistency=False)
+    assert train_arguments(s) == [
+        "train", "--labeled", "/data/Dataset003_Liver", "--run-dir", "/runs/liver", "--unlabeled", "/data/unlabeled",
+        "--backbone", "sam2.1_hiera_small", "--device", "cuda", "--iterations", "500", "--seed", "0",
+        "--warmup-iterations", "2000", "--lambda-u", "1.0", "--confidence", "0.95", "--ema-decay", "0.99",
+        "--no-dfe", "--no-consistency",
+    ]
+    assert train_command(s, ["PythonSlicer", "-m", "sss_lib"], resume=True)[-1] == "--resume"
+    scene = TrainSettings(run_dir="/runs/x", unlabeled_source=C.SOURCE_SCENE)
+    assert train_arguments(scene)[:7] == ["train", "--labeled", os.path.join("/runs/x", "dataset"), "--run-dir", "/runs/x",
+                                          "--unlabeled", os.path.join("/runs/x", "unlabeled")]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"run_dir": ""}, "run folder"),
+    ({"labeled_source": "folder"}, "labeled data folder"),
+    ({"unlabeled_source": "folder"}, "unlabeled volumes"),
+    ({"confidence": 1.5}, "confidence"),
+    ({"ema_decay": 1.0}, "EMA"),
+    ({"warmup_iterations": 10000}, "fewer than the iterations"),
+    ({"labeled_source": "somewhere"}, "Unknown source"),
+])
+def test_settings_errors_say_what_to_fix(change, message):
+    import dataclasses
+
+    from SSSTrainLib.errors import SettingsError
+    from SSSTrainLib.settings import TrainSettings, check_settings
+
+    check_settings(TrainSettings(run_dir="/runs/x"))
+    with pytest.raises(SettingsError, match=message):
+        check_settings(dataclasses.replace(TrainSettings(run_dir="/runs/x"), **change))
+
+
+def test_panel_command_parses_with_the_trainer_options(tmp_path):
+    """sss_lib's own ``train`` options (sss_lib.trainer.run) read every setting the panel writes."""
+    import argparse
+
+    from SSSTrainLib import constants as C
+    from SSSTrainLib.settings import TrainSettings, train_arguments
+    from sss_lib.trainer.run import add_train_arguments
+
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser.add_subparsers(dest="command").add_parser("train"))
+    s = TrainSettings(run_dir=str(tmp_path / "run"), unlabeled_source=C.SOURCE_SCENE, backbone="sam2.1_hiera_small",
+                      device="cuda", iterations=1234, warmup_iterations=200, lambda_u=0.5, confidence=0.9,
+                      ema_decay=0.995, dfe=False, pcsw=False, consistency=True, seed=11)
+    args = parser.parse_args(train_arguments(s, resume=True))
+    assert (args.labeled, args.run_dir, args.unlabeled) == (s.labeled_path(), s.run_dir, s.unlabeled_path())
+    assert (args.backbone, args.device, args.iterations, args.seed) == ("sam2.1_hiera_small", "cuda", 1234, 11)
+    assert (args.warmup_iterations, args.lambda_u, args.confidence, args.ema_decay) == (200, 0.5, 0.9, 0.995)
+    assert args.no_dfe and args.no_pcsw and not args.no_consistency and args.resume
+
+
+def test_panel_command_is_accepted_by_the_stand_in_trainer_parser(tmp_path):
+    """The stand-in's argument parser is the run contract's flag list: every flag the panel
+    writes must parse (a misspelt flag would fail the real trainer too)."""
+    import importlib.util
+
+    from SSSTrainLib import constants as C
+    from SSSTrainLib.settings import TrainSettings, train_arguments
+
+    spec = importlib.util.spec_from_file_location("fake_trainer", REPO / "SSSTrain" / "SSSTrainLib" / "fake_trainer.py")
+    fake = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fake)
+    s = TrainSettings(run_dir=str(tmp_path), unlabeled_source=C.SOURCE_SCENE, dfe=False, pcsw=False, consistency=False)
+    args = fake.parse(train_arguments(s, resume=True))
+    assert args.resume and args.no_dfe and args.no_pcsw and args.no_consistency and args.lambda_u == 1.0
+    assert json.loads(json.dumps(vars(args)))["run_dir"] == str(tmp_path)
