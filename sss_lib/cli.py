@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="stack axis (default: the axis of largest spacing)")
     tr.add_argument("--head-batch", type=int, default=8, help="slices per step for the coarse head (default: 8)")
     tr.add_argument("--decoder-batch", type=int, default=4, help="prompts per step for the decoder (default: 4)")
-    tr.add_argument("--lr-head", type=float, default=2e-3, help="coarse-head learning rate (default: 2e-3)")
+    tr.add_argument("--lr-head", type=float, default=5e-3, help="coarse-head learning rate (default: 5e-3)")
     tr.add_argument("--lr-decoder", type=float, default=1e-4, help="decoder learning rate (default: 1e-4)")
     tr.add_argument("--head-only", action="store_true", help="train the coarse head only, keep the decoder")
     tr.add_argument("--val-every", type=int, default=None, help="validate every N steps (default: 4 times)")

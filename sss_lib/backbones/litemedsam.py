@@ -111,11 +111,18 @@ class LiteMedSamBackbone(Backbone):
         weights_sha256: SHA-256 of the weights file.
         device: the torch device ``net`` lives on.
         stop_rule: when carried propagation ends (see :class:`StopRule`).
+
+    Attributes:
+        carry_points: carried prompts also hold the previous mask's deepest point and a negative
+            point in its hole (:func:`~.litemedsam_propagate.carried_points`); off by default (the
+            MedSAM recipe carries the box alone). Task models turn it on: their decoder is trained
+            with it (:mod:`sss_lib.trainer`).
     """
 
     name = "litemedsam"
     image_size = IMAGE_SIZE
     eager_embedding = False
+    carry_points = False
 
     def __init__(self, net: Any, weights_sha256: str, device: Any, stop_rule: StopRule | None = None) -> None:
         self.net = net.eval()
@@ -194,6 +201,27 @@ class LiteMedSamBackbone(Backbone):
             up = F.interpolate(up[..., :nh, :nw], size=emb.slice_shape, mode="bilinear", align_corners=False)
         return Decoded(up[0, 0].float().cpu().numpy(), float(iou.reshape(-1)[0]))
 
+    # -- task models (coarse head input) ------------------------------------------------------------
+    def coarse_features(self, embedding: LiteMedSamEmbedding) -> list["torch.Tensor"]:
+        """The coarse head's input: ``[(1, 256, 64, 64)]``, the embedding of the padded 256 frame."""
+        return [embedding.features]
+
+    def to_slice_grid(self, maps: "torch.Tensor", embedding: LiteMedSamEmbedding,
+                      shape_hw: tuple[int, int] | None = None) -> "torch.Tensor":
+        """Maps ``(N, C, h, w)`` over the padded 256x256 input -> ``(N, C, H, W)`` on the slice grid.
+
+        Upsampled to 256 (bilinear), cropped to the unpadded region, resized to ``shape_hw``
+        (default: the embedding's slice shape), exactly as :meth:`decode` treats mask logits.
+        Differentiable (no inference mode).
+        """
+        import torch.nn.functional as F
+
+        nh, nw = embedding.resized_shape
+        if tuple(maps.shape[-2:]) != (IMAGE_SIZE, IMAGE_SIZE):
+            maps = F.interpolate(maps, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+        size = tuple(shape_hw) if shape_hw is not None else embedding.slice_shape
+        return F.interpolate(maps[..., :nh, :nw], size=size, mode="bilinear", align_corners=False)
+
     # -- propagation -------------------------------------------------------------------------------
     def propagate(
         self,
@@ -221,7 +249,8 @@ class LiteMedSamBackbone(Backbone):
                         "SAM-2 backbone for point-only prompts"
                     )
         for label, prompts in objects.items():
-            yield from propagate_class(self.decode, slices, embedding, int(label), list(prompts), self.stop_rule)
+            yield from propagate_class(self.decode, slices, embedding, int(label), list(prompts), self.stop_rule,
+                                       carry_points=self.carry_points)
 
 
 def build_litemedsam_backbone(*, device: Any = "cpu", stop_rule: StopRule | None = None) -> LiteMedSamBackbone:

@@ -35,6 +35,39 @@ def carried_box(mask: np.ndarray, margin_fraction: float, margin_px: float) -> t
     return (max(0.0, x0 - mx), max(0.0, y0 - my), min(w - 1.0, x1 + mx), min(h - 1.0, y1 + my))
 
 
+def carried_points(
+    mask: np.ndarray,
+    pick: Callable[[np.ndarray], tuple[float, float]] | None = None,
+    min_hole_px: int = 4,
+) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+    """XY points carried with the box from a non-empty ``(H, W)`` mask (opt-in, see
+    :attr:`~.litemedsam.LiteMedSamBackbone.carry_points`).
+
+    Positive: the mask's deepest pixel (farthest from its border). Negative: the deepest pixel of
+    the largest hole the mask encloses, when that hole has at least ``min_hole_px`` pixels, so a
+    ring (the myocardium around the blood pool) stays a ring on the next slice instead of filling
+    in. ``pick`` chooses the point of a region (default: its deepest pixel; training draws a random
+    deep pixel instead).
+    """
+    from scipy import ndimage
+
+    from ..pcsw.geometry import deepest_point
+
+    def deepest(region: np.ndarray) -> tuple[float, float]:
+        x, y = deepest_point(region, (1.0, 1.0))
+        return float(x), float(y)
+
+    choose = pick or deepest
+    negative: list[tuple[float, float]] = []
+    holes = ndimage.binary_fill_holes(mask) & ~mask
+    if np.count_nonzero(holes) >= min_hole_px:
+        parts, n = ndimage.label(holes)
+        sizes = np.bincount(parts.ravel(), minlength=n + 1)[1:]
+        if sizes.max() >= min_hole_px:
+            negative.append(choose(parts == int(np.argmax(sizes)) + 1))
+    return [choose(mask)], negative
+
+
 def _key_prompts(prompts: list[SlicePrompt]) -> dict[int, list[SlicePrompt]]:
     """Key slice -> its prompts; where a slice has user prompts, auto ones there are ignored."""
     by_slice: dict[int, list[SlicePrompt]] = {}
@@ -53,10 +86,12 @@ def propagate_class(
     label: int,
     prompts: list[SlicePrompt],
     rule: StopRule,
+    carry_points: bool = False,
 ) -> Iterator[PropagationStep]:
     """Yield one :class:`PropagationStep` (this ``label`` only) per slice the class reaches.
 
     ``slices`` is the preprocessed ``(S, H, W)`` stack (for the rule's intensity statistics).
+    ``carry_points``: carried prompts hold :func:`carried_points` as well as the box.
     Several prompts on one key slice (e.g. two boxes around two parts) are decoded separately and
     united (max of logits). Between two key slices both runs go on; a slice's logits come from the
     nearer key slice (a slice is yielded again only when a nearer run reaches it).
@@ -88,7 +123,8 @@ def propagate_class(
                 continue
             for s in range(k + direction, limit, direction):
                 box = carried_box(prev_mask, rule.box_margin_fraction, rule.box_margin_px)
-                cur = decode(embedding(s), box, (), ())
+                pos, neg = carried_points(prev_mask) if carry_points else ([], [])
+                cur = decode(embedding(s), box, pos, neg)
                 mask = cur.logits > 0
                 obs = observe(mask, cur.iou_pred, slices[s], prev_mask, box)
                 reason = rule.stop_reason(key_obs, prev_obs, obs)

@@ -122,6 +122,21 @@ class Sam2Backbone(Backbone):
             raise ValueError("embed_slice got NaN or infinite pixels; preprocess the slice first")
         return self.model.sss_embed(image)
 
+    def coarse_features(self, embedding: Sam2Embedding) -> list["torch.Tensor"]:
+        """The coarse head's input: the three FPN levels of :class:`Sam2Embedding`, finest first."""
+        return list(embedding.features)
+
+    def to_slice_grid(self, maps: "torch.Tensor", embedding: Sam2Embedding,
+                      shape_hw: tuple[int, int]) -> "torch.Tensor":
+        """Maps ``(N, C, h, w)`` over the square network input -> ``(N, C, H, W)`` on the slice grid.
+
+        The slice was resized (not padded) to the input, so this is a bilinear resize to
+        ``shape_hw``, as propagation treats mask logits. Differentiable.
+        """
+        import torch.nn.functional as F
+
+        return F.interpolate(maps, size=tuple(shape_hw), mode="bilinear", align_corners=False)
+
     def propagate(
         self,
         slices: np.ndarray,
