@@ -333,7 +333,7 @@ def with_anchors(prompts: PromptSet, probabilities: dict[int, np.ndarray], confi
     """
     from scipy import ndimage
 
-    from .pcsw.generator import _prompt as pcsw_slice_prompt
+    from .pcsw.generator import slice_prompt as pcsw_slice_prompt
 
     structure = ndimage.generate_binary_structure(3, {6: 1, 18: 2, 26: 3}[config.connectivity])
     classes = []

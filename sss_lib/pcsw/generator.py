@@ -175,8 +175,10 @@ def _negative_points(key: int, box: tuple[int, int, int, int], own: np.ndarray,
     return points
 
 
-def _prompt(key: int, own: np.ndarray, others: Mapping[int, np.ndarray], cfg: PcswConfig,
-            in_plane: tuple[float, float], confidence: float) -> SlicePrompt:
+def slice_prompt(key: int, own: np.ndarray, others: Mapping[int, np.ndarray], cfg: PcswConfig,
+                 in_plane: tuple[float, float], confidence: float) -> SlicePrompt:
+    """PCSW's prompt on slice ``key``: the box of ``own`` (H, W) bool, its deepest point, and negative
+    points for the ``others`` (label -> (H, W) bool) inside that box; ``in_plane`` is (sx, sy) mm."""
     box = tight_box(own, cfg.box_margin_px)
     return SlicePrompt(
         key_slice=key,
@@ -248,7 +250,7 @@ def _pcsw_checked(prob: np.ndarray, label: int, in_plane_spacing: tuple[float, f
     if best is not None:
         key = _pick_key_slice(best.slices, best.areas)
         own = full_slice(graph.mask_of(best.nodes, key))
-        prompt = _prompt(key, own, others, cfg, (sx, sy), best.continuity)
+        prompt = slice_prompt(key, own, others, cfg, (sx, sy), best.continuity)
         reason = (f"window {best.start}-{best.stop - 1} (length {best.stop - best.start}) passed with "
                   f"continuity {best.continuity:.3f}; key slice {key}")
         return PcswResult(label, "ok", reason, (best.start, best.stop), best.continuity, prompt,
@@ -261,7 +263,7 @@ def _pcsw_checked(prob: np.ndarray, label: int, in_plane_spacing: tuple[float, f
     node = nodes[int(np.argmax(graph.area[nodes]))]
     share = graph.area[node] / float(slice_area[key])
     own = full_slice(graph.mask_of(np.array([node]), key))
-    prompt = _prompt(key, own, others, cfg, (sx, sy), cfg.fallback_confidence_scale * share)
+    prompt = slice_prompt(key, own, others, cfg, (sx, sy), cfg.fallback_confidence_scale * share)
     reason = f"no window passed ({_describe(fails, cfg, mask.shape[0])}); fell back to slice {key}, the largest area"
     log.info("PCSW class %s: %s", label, reason)
     return PcswResult(label, "fallback", reason, None, None, prompt,
