@@ -180,8 +180,9 @@ def main() -> None:
             sys.stderr.write(proc.stderr[-3000:])
             raise SystemExit(f"{config} failed (exit {proc.returncode})")
         rows.append(json.loads(lines[-1][7:]))
+        # written after every configuration, so a long run that is stopped keeps what it measured
+        path = write_results(args.name or f"engine_{args.device.replace(':', '')}", {"runs": rows})
         print(f"done {config}", file=sys.stderr)
-    path = write_results(args.name or f"engine_{args.device.replace(':', '')}", {"runs": rows})
     headers = ["backbone", "size", "device", "embed/slice s", "full seg s", "re-run 1 class s",
                "naive re-run s", "speed-up", "peak RSS MiB"] + (["peak GPU MiB"] if "peak_gpu_mib" in rows[0] else [])
     table = [[r["backbone"], r["image_size"], r["device"], r["embed_per_slice_s"], r["full_segmentation_s"],
