@@ -82,9 +82,18 @@ def test_bad_strings_are_rejected(bad: str) -> None:
         device.resolve_device(bad)
 
 
-def test_autocast_is_bf16_on_cuda_only() -> None:
+def test_autocast_is_bf16_on_cuda_and_on_cpus_with_native_bf16(monkeypatch) -> None:
+    monkeypatch.setenv("SSS_CPU_BF16", "0")
     assert isinstance(device.autocast_context(torch.device("cpu")), contextlib.nullcontext)
     assert isinstance(device.autocast_context("mps"), contextlib.nullcontext)
+    monkeypatch.setenv("SSS_CPU_BF16", "1")
+    ctx = device.autocast_context("cpu")
+    assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16 and ctx.device == "cpu"
+    assert isinstance(device.autocast_context("mps"), contextlib.nullcontext)
+    monkeypatch.setenv("SSS_CPU_BF16", "auto")
+    with open("/proc/cpuinfo") as f:
+        flags = f.read()
+    assert device.cpu_has_native_bf16() is ("amx_bf16" in flags or "avx512_bf16" in flags)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch warns when CUDA is absent; the policy is what we test
         ctx = device.autocast_context("cuda:0")

@@ -26,10 +26,14 @@ SIZE = 64
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _two_threads():
+def _two_threads_float32():
+    # float32 on the CPU so logits can be compared exactly with sam2's own predictor; the bf16
+    # autocast path (CPUs with AMX / AVX512-BF16, and CUDA) is tested on its own below.
     before = torch.get_num_threads()
     torch.set_num_threads(2)
-    yield
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SSS_CPU_BF16", "0")
+        yield
     torch.set_num_threads(before)
 
 
@@ -105,7 +109,8 @@ def test_embedding_holds_features_only(backbone, cache):
     assert isinstance(emb, Sam2Embedding) and emb.image_size == SIZE
     assert [tuple(f.shape) for f in emb.features] == [(1, 32, 16, 16), (1, 64, 8, 8), (1, 256, 4, 4)]
     assert all(not f.requires_grad and f.device == backbone.device for f in emb.features)
-    assert emb.nbytes == sum(f.numel() * 4 for f in emb.features)
+    assert emb.nbytes == sum(f.numel() * f.element_size() for f in emb.features)
+    assert all(f.dtype == torch.float32 for f in emb.features)  # float32 off CUDA without native bf16
     assert backbone.weights_sha256 == "random-init"
     assert backbone.cache_key() == f"sam2.1_hiera_tiny@{SIZE}#random-init"
 
@@ -321,3 +326,13 @@ def test_image_size_512_embeds_one_slice(stack):
     layer = bb.model.memory_attention.layers[0]
     assert layer.self_attn.freqs_cis.shape[0] == 32 * 32
     assert layer.cross_attn_image.freqs_cis.shape[0] == 32 * 32
+
+
+def test_cpu_bf16_autocast_path_embeds_and_propagates(backbone, stack, monkeypatch):
+    monkeypatch.setenv("SSS_CPU_BF16", "1")
+    embs = [backbone.embed_slice(stack[s]) for s in range(S)]
+    assert any(f.dtype == torch.bfloat16 for f in embs[0].features)  # computed under autocast
+    assert embs[0].nbytes < sum(f.numel() * 4 for f in embs[0].features)
+    steps = list(backbone.propagate(stack, lambda s: embs[s], {1: [SlicePrompt(3, box=(20, 12, 43, 29))]}))
+    assert {st.slice_index for st in steps} >= {3}
+    assert all(st.logits[1].dtype == np.float32 and st.logits[1].shape == (H, W) for st in steps if 1 in st.logits)
