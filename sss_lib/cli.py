@@ -89,65 +89,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_progress_bar() -> tuple[Callable, Callable[[], None]]:
-    """A tqdm bar per training stage, fed by :class:`~sss_lib.trainer.TrainEvent`."""
-    from tqdm import tqdm
-
-    bars: dict[str, tqdm] = {}
-
-    def update(event) -> None:  # noqa: ANN001 - TrainEvent, imported lazily
-        bar = bars.get(event.stage)
-        if bar is None:
-            unit = {"embed": "slice", "train": "step", "validate": "case"}[event.stage]
-            bar = bars[event.stage] = tqdm(total=event.total, desc=event.stage, unit=unit, leave=False)
-        bar.total = event.total
-        bar.n = event.done
-        if event.loss is not None:
-            bar.set_postfix(loss=f"{event.loss:.4f}", refresh=False)
-        bar.refresh()
-        if event.stage == "validate" and event.done == event.total:
-            bar.close()
-            del bars[event.stage]
-
-    def close() -> None:
-        for bar in bars.values():
-            bar.close()
-
-    return update, close
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .trainer import TrainConfig, train_task_model
+    from .trainer.run import run_train_command
 
-    val_cases = tuple(v for part in args.val_cases for v in part.split(",") if v) if args.val_cases else None
-    config = TrainConfig(
-        labeled=args.labeled, out=args.out, layout=args.layout, val_cases=val_cases,
-        val_fraction=args.val_fraction, max_cases=args.max_cases, backbone=args.backbone,
-        checkpoint=args.checkpoint, device=args.device, image_size=args.image_size, modality=args.modality,
-        window=tuple(args.window) if args.window else (-1000.0, 1000.0), slice_axis=args.slice_axis,
-        iterations=args.iterations, seed=args.seed, head_batch=args.head_batch,
-        decoder_batch=args.decoder_batch, lr_head=args.lr_head, lr_decoder=args.lr_decoder,
-        train_decoder=not args.head_only, val_every=args.val_every,
-    )
-    update, close = _train_progress_bar()
-    try:
-        result = train_task_model(config, progress=update)
-    finally:
-        close()
-    first, last = result.loss_drop()
-    print(f"trained on {len(result.train_cases)} case(s) on {result.device}: loss {first:.4f} -> {last:.4f}")
-    names = result.model.class_names
-    if result.validations:
-        kept = next(v for v in result.validations if v.iteration == result.best_iteration)
-        per_class = ", ".join(f"{names.get(k, k)} {v:.3f}" for k, v in kept.dice.items())
-        print(f"validation on {len(result.val_cases)} case(s), kept step {result.best_iteration}: "
-              f"mean Dice {kept.mean_dice:.3f} ({per_class})")
-    else:
-        print("no validation cases: kept the last step")
-    t = result.timings
-    print(f"wrote {result.model_path} in {result.seconds:.0f} s "
-          f"(embed {t['embed']:.0f} s, train {t['train']:.0f} s, validate {t['validate']:.0f} s)")
-    return 0
+    return run_train_command(args)
 
 
 def _cmd_auto_segment(args: argparse.Namespace) -> int:
@@ -221,36 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     demo.set_defaults(func=_cmd_demo)
 
-    tr = sub.add_parser("train", help="train a task model on a labeled dataset (supervised)",
-                        description="Fine-tune a task model (coarse head + the backbone's prompt encoder and mask "
-                                    "decoder, image encoder frozen) on a labeled dataset: nnU-Net v2 raw, ACDC or "
-                                    "plain folders. Validates with the full auto-segment pipeline on held-out cases.")
-    tr.add_argument("--labeled", required=True, help="dataset folder with labeled cases")
-    tr.add_argument("--out", required=True, help="task-model file to write (e.g. heart.ssstask)")
-    tr.add_argument("--layout", default="auto", choices=["auto", "nnunet", "acdc", "plain"],
-                    help="dataset layout (default: detected)")
-    tr.add_argument("--val-fraction", type=float, default=0.2,
-                    help="share of labeled cases held out for validation (default: 0.2, at least one)")
-    tr.add_argument("--val-cases", nargs="+", metavar="CASE", help="case ids to hold out instead")
-    tr.add_argument("--max-cases", type=int, default=None, help="use only the first N labeled cases")
-    tr.add_argument("--iterations", type=int, default=300, help="optimiser steps (default: 300)")
-    tr.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    tr.add_argument("--backbone", default="litemedsam", choices=BACKBONE_NAMES,
-                    help="backbone to fine-tune (default: litemedsam, which runs offline on a CPU)")
-    tr.add_argument("--checkpoint", default=None, help="SAM-2 checkpoint file instead of the cached one")
-    tr.add_argument("--image-size", type=int, default=None, help="SAM-2 input size (default: 1024)")
-    tr.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
-    tr.add_argument("--modality", default="auto", choices=["auto", "CT", "MR", "other"],
-                    help="intensity rule: CT window or MR percentiles (default: guessed per volume)")
-    tr.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"), help="CT window in HU")
-    tr.add_argument("--slice-axis", default="auto", choices=["auto", "i", "j", "k"],
-                    help="stack axis (default: the axis of largest spacing)")
-    tr.add_argument("--head-batch", type=int, default=8, help="slices per step for the coarse head (default: 8)")
-    tr.add_argument("--decoder-batch", type=int, default=4, help="prompts per step for the decoder (default: 4)")
-    tr.add_argument("--lr-head", type=float, default=5e-3, help="coarse-head learning rate (default: 5e-3)")
-    tr.add_argument("--lr-decoder", type=float, default=1e-4, help="decoder learning rate (default: 1e-4)")
-    tr.add_argument("--head-only", action="store_true", help="train the coarse head only, keep the decoder")
-    tr.add_argument("--val-every", type=int, default=None, help="validate every N steps (default: 4 times)")
+    tr = sub.add_parser(
+        "train", help="train a task model (supervised, or semi-supervised with --unlabeled)",
+        description="Train a task model (coarse head + the backbone's prompt encoder and mask decoder, image encoder "
+                    "frozen) on a labeled dataset (nnU-Net v2 raw, ACDC or plain folders), semi-supervised when "
+                    "--unlabeled is given. Everything goes to the run folder (config, checkpoints, history, curves, "
+                    "model); stdout carries JSON progress lines only. Stop with Ctrl+C, SIGTERM or a STOP file in "
+                    "the run folder; continue with --resume. Data-parallel: torchrun --nproc_per_node N -m sss_lib "
+                    "train ...")
+    from .trainer.run import add_train_arguments
+
+    add_train_arguments(tr)
     tr.set_defaults(func=_cmd_train)
 
     au = sub.add_parser("auto-segment", help="segment a volume with a task model (no prompts needed)",

@@ -1,0 +1,356 @@
+"""Benchmark: semi-supervised training on synthetic cardiac phantoms (RV, Myo, LV), CPU, LiteMedSAM.
+
+For each number of labeled cases (default 1, 3, 7) out of a pool of training phantoms (the rest
+are the unlabeled cases), three task models are trained with the same seed, steps and supervised
+batch: supervised only, consistency without DFE, and full SSS (consistency + DFE + PCSW teacher
+prompts). Each is Auto-segmented on held-out test phantoms (another seed); the table reports mean
+Dice and HD95 (mm) over test cases and classes. Every run shares one embedding store and one
+strong-view cache (the image encoder is frozen), so each slice is encoded once for the whole
+benchmark. Results go to ``benchmarks/results/ssl_cpu.json`` after every run (partial results
+survive) and a markdown table is printed at the end.
+
+    python benchmarks/bench_ssl.py                         # the reported configuration
+    python benchmarks/bench_ssl.py --smoke                 # a 2-minute check that it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_common import markdown_table, write_results  # noqa: E402
+
+from sss_lib.phantoms import CLASS_NAMES, make_phantom_dataset  # noqa: E402
+
+log = logging.getLogger("bench_ssl")
+
+CONFIGS = {
+    "sup": ("supervised only", dict(consistency=False)),
+    "nodfe": ("consistency, no DFE", dict(use_dfe=False)),
+    "full": ("full SSS (DFE + PCSW)", dict()),
+}
+
+
+def make_pool(work: Path, n_pool: int, n_val: int, n_test: int, slices: int, size: int, seed: int) -> tuple[Path, Path]:
+    spacing = (192.0 / size, 192.0 / size, 8.0)  # a 192 mm field of view holds the whole heart
+    pool = make_phantom_dataset(work / "pool", n_pool + n_val, seed=1000 + seed, layout="plain",
+                                n_slices=slices, size=(size, size), spacing=spacing)
+    test = make_phantom_dataset(work / "test", n_test, seed=2000 + seed, layout="plain",
+                                n_slices=slices, size=(size, size), spacing=spacing)
+    return pool, test
+
+
+def split_folders(work: Path, pool: Path, n_labeled: int, n_pool: int, n_val: int) -> tuple[Path, Path, list[str]]:
+    """Case lists: ``n_labeled`` labeled training cases + the validation cases, and the rest of the
+    training pool as unlabeled images."""
+    ids = [f"case_{c:03d}" for c in range(n_pool + n_val)]
+    val = ids[n_pool:]
+    lab_dir = work / f"n{n_labeled}" / "labeled"
+    unl_dir = work / f"n{n_labeled}" / "unlabeled"
+    lab_dir.mkdir(parents=True, exist_ok=True)
+    unl_dir.mkdir(parents=True, exist_ok=True)
+    rows = [f"{c},{pool / 'images' / f'{c}.nii.gz'},{pool / 'labels' / f'{c}.nii.gz'}"
+            for c in ids[:n_labeled] + val]
+    (lab_dir / "cases.csv").write_text("case_id,image,label\n" + "\n".join(rows) + "\n")
+    (lab_dir / "classes.json").write_text(json.dumps({str(k): v for k, v in CLASS_NAMES.items()}))
+    rows = [f"{c},{pool / 'images' / f'{c}.nii.gz'}," for c in ids[n_labeled:n_pool]]
+    (unl_dir / "cases.csv").write_text("case_id,image,label\n" + "\n".join(rows) + "\n")
+    return lab_dir, unl_dir, val
+
+
+def precompute(pool: Path, test: Path, args: argparse.Namespace, backbone, store, strong_cache: dict) -> None:  # noqa: ANN001
+    """Embed every slice (and the strong views of every training-pool slice) once, the way the
+    runs will ask for them (same preprocessing, same cache keys), so that they can be saved and a
+    restarted benchmark does not pay for them again."""
+    import dataclasses as dc
+
+    from sss_lib.datasets import open_dataset
+    from sss_lib.engine import SegmentationSession
+    from sss_lib.semisup import StrongAugment
+    from sss_lib.task_model import TaskPreprocessing
+    from sss_lib.trainer.config import TrainConfig
+    from sss_lib.trainer.semisup_config import StrongViewSettings
+    from sss_lib.trainer.unlabeled import UnlabeledCase, embed_strong_views
+    from sss_lib.volume import axis_from_name
+    from sss_lib.volume_io import read_volume
+
+    t = TrainConfig(pool, pool / "unused.ssstask")
+    prep = TaskPreprocessing(t.modality, tuple(t.window), tuple(t.percentiles), t.slice_axis,  # type: ignore[arg-type]
+                             int(backbone.image_size)).to_preprocessing()
+    train_ids = {f"case_{c:03d}" for c in range(args.pool_cases)}
+    todo = [(c, True) for c in open_dataset(pool).cases] + [(c, False) for c in open_dataset(test).cases]
+    unlabeled = []
+    for n, (case, in_pool) in enumerate(todo, 1):
+        image = read_volume(case.image_path)
+        session = SegmentationSession(image, backbone, slice_axis=axis_from_name(t.slice_axis, image),
+                                      preprocessing=prep, store=store)
+        for s in range(session.stack_shape[0]):
+            session.embedding(s)
+        if in_pool and case.case_id in train_ids:
+            unlabeled.append(UnlabeledCase(case.case_id, image, session))
+        print(f"  embedded {case.case_id} ({n}/{len(todo)})", flush=True)
+    strong = StrongAugment(**dc.asdict(StrongViewSettings()))
+    embed_strong_views(unlabeled, backbone, args.strong_views, strong, args.seed, cache=strong_cache)
+
+
+def evaluate(model_path: Path, test: Path, backbone, store) -> dict:  # noqa: ANN001
+    from sss_lib.auto_segment import AutoSegmentSession, TaskRuntime
+    from sss_lib.datasets import open_dataset
+    from sss_lib.metrics import dice, hd95
+    from sss_lib.task_model import load_task_model
+    from sss_lib.volume_io import read_label, read_volume
+
+    runtime = TaskRuntime.from_task_model(load_task_model(model_path), backbone=backbone)
+    rows = []
+    for case in open_dataset(test).cases:
+        image, truth = read_volume(case.image_path), read_label(case.label_path)
+        t = time.perf_counter()
+        result = AutoSegmentSession(image, runtime, store=store).run()
+        pred = result.labels.voxels
+        d = {CLASS_NAMES[k]: dice(pred == k, truth.voxels == k) for k in CLASS_NAMES}
+        h = {CLASS_NAMES[k]: hd95(pred == k, truth.voxels == k, truth.spacing[::-1]) for k in CLASS_NAMES}
+        rows.append({"case": case.case_id, "dice": d, "hd95": h, "seconds": time.perf_counter() - t})
+    dice_all = [v for r in rows for v in r["dice"].values()]
+    hd_all = [v for r in rows for v in r["hd95"].values()]
+    finite = [v for v in hd_all if math.isfinite(v)]
+    return {
+        "cases": rows,
+        "mean_dice": float(np.mean(dice_all)),
+        "dice_per_class": {n: float(np.mean([r["dice"][n] for r in rows])) for n in CLASS_NAMES.values()},
+        "mean_hd95_mm": float(np.mean(finite)) if finite else None,
+        "hd95_missing": len(hd_all) - len(finite),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pool-cases", type=int, default=12, help="training phantoms (labeled + unlabeled)")
+    ap.add_argument("--labeled", type=int, nargs="+", default=[3, 1, 7],
+                    help="labeled counts to compare (3 first: the target is stated for it)")
+    ap.add_argument("--val-cases", type=int, default=2)
+    ap.add_argument("--test-cases", type=int, default=6)
+    ap.add_argument("--slices", type=int, default=6)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--iterations", type=int, default=100)
+    ap.add_argument("--val-every", type=int, default=None, help="validate every N steps (default: twice per run)")
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--labeled-batch", type=int, default=8)
+    ap.add_argument("--decoder-batch", type=int, default=2)
+    ap.add_argument("--unlabeled-batch", type=int, default=2)
+    ap.add_argument("--strong-views", type=int, default=2)
+    ap.add_argument("--unsup-decoder-classes", type=int, default=1)
+    ap.add_argument("--dfe-width", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--name", default="ssl_cpu", help="results file name (benchmarks/results/NAME.json)")
+    ap.add_argument("--smoke", action="store_true", help="tiny settings: check that everything runs")
+    ap.add_argument("--reuse", default=None, metavar="RESULTS_JSON",
+                    help="take the rows of --reuse-configs from an earlier results file with the same settings")
+    ap.add_argument("--reuse-configs", nargs="*", default=["sup"], choices=list(CONFIGS))
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.pool_cases, args.labeled, args.val_cases, args.test_cases = 4, [1], 1, 1
+        args.slices, args.iterations, args.name = 4, 6, "ssl_cpu_smoke"
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from sss_lib.backbones.registry import build_backbone
+    from sss_lib.embedding_cache import EmbeddingStore
+    from sss_lib.runs.progress import ProgressReporter
+    from sss_lib.trainer.config import TrainConfig
+    from sss_lib.trainer.semisup_config import SemiSupConfig
+    from sss_lib.trainer.semisup_loop import run_training
+
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="sss_bench_ssl_"))
+    t_all = time.perf_counter()
+    pool, test = make_pool(work, args.pool_cases, args.val_cases, args.test_cases, args.slices, args.size, args.seed)
+    backbone = build_backbone("litemedsam", device="cpu")
+    pristine = {k: {n: t.clone() for n, t in v.items()} for k, v in
+                {"pe": backbone.net.prompt_encoder.state_dict(), "md": backbone.net.mask_decoder.state_dict()}.items()}
+    settings = (backbone.stop_rule, backbone.carry_points)
+    n_volumes = args.pool_cases + args.val_cases + args.test_cases
+    store = EmbeddingStore(max_volumes=n_volumes + 2)
+    strong_cache: dict = {}
+    cache_file = work / "embeddings.pt"
+    saved = _load_embeddings(cache_file, store, strong_cache)
+    results: dict = {"settings": {k: v for k, v in vars(args).items()}, "runs": []}
+    earlier = _reusable(args)
+    t0 = time.perf_counter()
+    precompute(pool, test, args, backbone, store, strong_cache)
+    saved = _save_embeddings(cache_file, store, strong_cache, saved)
+    results["embed_seconds"] = time.perf_counter() - t0
+    print(f"embeddings ready in {results['embed_seconds']:.0f} s", flush=True)
+
+    for n_lab in args.labeled:
+        lab, unl, val_ids = split_folders(work, pool, n_lab, args.pool_cases, args.val_cases)
+        for key in args.configs:
+            title, overrides = CONFIGS[key]
+            if (n_lab, key) in earlier:
+                results["runs"].append(earlier[(n_lab, key)])
+                print(f"{n_lab} labeled, {title}: reused from {args.reuse}", flush=True)
+                continue
+            backbone.net.prompt_encoder.load_state_dict(pristine["pe"])
+            backbone.net.mask_decoder.load_state_dict(pristine["md"])
+            backbone.stop_rule, backbone.carry_points = settings
+            run_dir = work / f"n{n_lab}" / key
+            train = TrainConfig(lab, run_dir / "model.ssstask", backbone="litemedsam", device="cpu",
+                                val_cases=tuple(val_ids), iterations=args.iterations, seed=args.seed,
+                                head_batch=args.labeled_batch, decoder_batch=args.decoder_batch,
+                                val_every=args.val_every or max(1, args.iterations // 2))
+            cfg = SemiSupConfig(train=train, run_dir=run_dir, unlabeled=unl, unlabeled_batch=args.unlabeled_batch,
+                                strong_views=args.strong_views, dfe_width=args.dfe_width,
+                                unsup_decoder_classes=args.unsup_decoder_classes,
+                                checkpoint_every=max(1, args.iterations), **overrides)
+            reporter = ProgressReporter(cfg.total_steps, json_lines=False, console_view=False,
+                                        history=run_dir / "history.jsonl")
+            t0 = time.perf_counter()
+            outcome = run_training(cfg, backbone=backbone, reporter=reporter, store=store, strong_cache=strong_cache,
+                                   console=lambda text: print(f"  {text}", flush=True))
+            train_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            scores = evaluate(outcome.model_path, test, backbone, store)
+            eval_s = time.perf_counter() - t0
+            saved = _save_embeddings(cache_file, store, strong_cache, saved)
+            row = {"labeled": n_lab, "config": key, "title": title, "train_seconds": train_s, "eval_seconds": eval_s,
+                   "timings": outcome.timings, "best_step": outcome.best_step, "best_val_dice": outcome.best_dice,
+                   "last_losses": outcome.last, "unlabeled_cases": len(outcome.unlabeled_cases),
+                   "seconds_per_step": outcome.timings["train"] / max(1, outcome.step), **scores}
+            results["runs"].append(row)
+            print(f"{n_lab} labeled, {title}: test Dice {scores['mean_dice']:.4f}, HD95 {scores['mean_hd95_mm']} mm "
+                  f"(train {train_s:.0f} s, {row['seconds_per_step']:.2f} s/step; eval {eval_s:.0f} s; "
+                  f"kept step {outcome.best_step}, val Dice {outcome.best_dice})", flush=True)
+            _write(results, args, t_all)
+    table = _write(results, args, t_all)
+    print()
+    print(table)
+    return 0
+
+
+_MATTERS = ("pool_cases", "val_cases", "test_cases", "slices", "size", "iterations", "val_every", "labeled_batch",
+            "decoder_batch", "unlabeled_batch", "strong_views", "unsup_decoder_classes", "dfe_width", "seed", "threads")
+
+
+def _reusable(args: argparse.Namespace) -> dict:
+    """Rows of ``--reuse-configs`` from ``--reuse`` whose run settings equal this one's."""
+    if not args.reuse:
+        return {}
+    old = json.loads(Path(args.reuse).read_text())
+    same = all(old["settings"].get(k) == getattr(args, k) for k in _MATTERS)
+    if not same:
+        raise SystemExit(f"{args.reuse}: its settings differ; cannot reuse its rows")
+    return {(r["labeled"], r["config"]): {**r, "reused_from": str(args.reuse)} for r in old["runs"]
+            if r["config"] in args.reuse_configs}
+
+
+def _embedding_count(store, strong_cache: dict) -> int:  # noqa: ANN001
+    return store.computed + len(strong_cache)
+
+
+def _load_embeddings(path: Path, store, strong_cache: dict) -> int:  # noqa: ANN001
+    """Reload the frozen encoder's embeddings of an earlier run in this work folder (our own file)."""
+    import torch
+
+    if not path.is_file():
+        return 0
+    data = torch.load(path, weights_only=False)
+    for key, slices in data["store"].items():
+        for s, emb in slices.items():
+            store.get_or_compute(key, s, lambda e=emb: e)
+    strong_cache.update(data["strong"])
+    print(f"reloaded {sum(len(v) for v in data['store'].values())} embeddings and {len(data['strong'])} strong views "
+          f"from {path}", flush=True)
+    return _embedding_count(store, strong_cache)
+
+
+def _save_embeddings(path: Path, store, strong_cache: dict, saved: int) -> int:  # noqa: ANN001
+    import torch
+
+    count = _embedding_count(store, strong_cache)
+    if count == saved:
+        return saved
+    entries = {key: dict(store._entries[key]) for key in list(store._entries)}  # noqa: SLF001 - benchmark cache
+    tmp = path.with_suffix(".tmp")
+    torch.save({"store": entries, "strong": strong_cache}, tmp)
+    tmp.replace(path)
+    return count
+
+
+def _write(results: dict, args: argparse.Namespace, t_all: float) -> str:
+    rows = []
+    for r in results["runs"]:
+        hd = r["mean_hd95_mm"]
+        rows.append([r["labeled"], r["title"], round(r["mean_dice"], 4),
+                     *[round(r["dice_per_class"][n], 4) for n in CLASS_NAMES.values()],
+                     round(hd, 2) if hd is not None else "n/a", r["hd95_missing"],
+                     round(r["seconds_per_step"], 2)])
+    headers = ["labeled", "model", "mean Dice", *CLASS_NAMES.values(), "HD95 mm", "HD95 missing", "s/step"]
+    table = markdown_table(headers, rows)
+    payload = {**results, "table_markdown": table, "total_seconds": time.perf_counter() - t_all,
+               "summary": _summary(results["runs"])}
+    write_results(args.name, _finite(json.loads(json.dumps(payload, default=_json_default))))
+    md = Path(__file__).resolve().parent / "results" / f"{args.name}.md"
+    md.write_text(f"# {args.name}\n\n{_describe(args)}\n\n{table}\n")
+    return table
+
+
+def _summary(runs: list[dict]) -> dict:
+    out: dict = {}
+    for n in sorted({r["labeled"] for r in runs}):
+        by = {r["config"]: r["mean_dice"] for r in runs if r["labeled"] == n}
+        entry = {k: v for k, v in by.items()}
+        if "full" in by and "sup" in by:
+            entry["full_minus_sup_points"] = 100 * (by["full"] - by["sup"])
+        if "full" in by and "nodfe" in by:
+            entry["full_minus_nodfe_points"] = 100 * (by["full"] - by["nodfe"])
+        out[str(n)] = entry
+    return out
+
+
+def _describe(args: argparse.Namespace) -> str:
+    return (f"Synthetic cardiac phantoms ({args.size}x{args.size} px, {args.slices} slices); training pool "
+            f"{args.pool_cases} cases (labeled {args.labeled}, the rest unlabeled), {args.val_cases} validation, "
+            f"{args.test_cases} test cases; LiteMedSAM on the CPU ({args.threads} thread), {args.iterations} steps "
+            f"(validation every {args.val_every or max(1, args.iterations // 2)}), "
+            f"labeled batch {args.labeled_batch}, decoder batch {args.decoder_batch}, unlabeled batch "
+            f"{args.unlabeled_batch}, {args.strong_views} cached strong views per slice, DFE width {args.dfe_width}, "
+            f"decoder consistency on {args.unsup_decoder_classes} class(es) per slice; seed {args.seed}.")
+
+
+def _finite(value):  # noqa: ANN001, ANN202 - JSON has no NaN: write null
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _json_default(value):  # noqa: ANN001, ANN202
+    if isinstance(value, Path):
+        return str(value)
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    return str(value)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

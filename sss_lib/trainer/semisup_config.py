@@ -1,0 +1,234 @@
+"""What a training run (supervised or semi-supervised) is asked to do (no torch here).
+
+:class:`SemiSupConfig` wraps the supervised trainer's :class:`~sss_lib.trainer.config.TrainConfig`
+(data, model, optimisation) and adds the semi-supervised settings of SSS_METHOD.md section 4 and
+the run-folder settings of the training contract. It round-trips through plain JSON
+(:meth:`SemiSupConfig.to_dict` / :meth:`SemiSupConfig.from_dict`), stored as the ``extra`` of the
+run's :class:`sss_lib.runs.RunConfig`, so ``--resume`` rebuilds exactly the run that was started.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from ..errors import InputError
+from ..pcsw.config import PcswConfig
+from .config import TrainConfig
+from .samples import PromptJitter
+
+if typing.TYPE_CHECKING:
+    from ..runs.config import RunConfig
+
+SCHEMA = "sss.semisup-config/1"
+
+
+@dataclasses.dataclass(frozen=True)
+class StrongViewSettings:
+    """The strong (intensity) augmentation, :class:`sss_lib.semisup.StrongAugment`'s fields."""
+
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    gamma: tuple[float, float] = (0.7, 1.5)
+    grey_p: float = 0.2
+    posterize_bits: tuple[int, int] = (3, 6)
+    solarize_threshold: tuple[float, float] = (0.6, 0.95)
+    blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+
+
+@dataclasses.dataclass
+class SemiSupConfig:
+    """Settings of one training run (see the module docstring).
+
+    Run:
+        train: the supervised settings; ``train.iterations`` is the run's total steps,
+            ``train.head_batch`` the labeled slices per step, ``train.out`` the task model
+            written in the run folder.
+        run_dir: the run folder (:class:`sss_lib.runs.RunPaths`).
+        copy_to: also copy the final task model there (``--out``); None: only the run folder.
+        checkpoint_every: steps between checkpoints (``checkpoints/last.pt``).
+        on_bad_case: an unreadable or inconsistent case is skipped with a warning, or stops the run.
+        random_init: build an untrained SAM-2 backbone (tests and GPU checks only).
+
+    Semi-supervised (each defaults to SSS_METHOD.md section 4):
+        unlabeled: folder of unlabeled volumes (or an nnU-Net folder, whose imagesTs are used);
+            None: supervised only.
+        consistency: False trains supervised only (the ``--no-consistency`` ablation).
+        use_dfe: False feeds the strong views' features to the student as they are (``--no-dfe``).
+        use_pcsw: False prompts the teacher with each slice's coarse box only (``--no-pcsw``).
+        warmup_iterations: supervised-only steps first (None: 20% of the run).
+        rampup_iterations: after the warm-up, lambda_u ramps up (sigmoid) over this many steps
+            (None: 20% of the run).
+        lambda_u: weight of the unsupervised loss once ramped up.
+        confidence: a pseudo-label pixel is trusted when the teacher's probability is >= this.
+        untrusted_floor: **(ours)** a pixel is not trusted where the teacher's coarse head gives
+            a class at least this probability but the class has no prompt there
+            (:mod:`sss_lib.trainer.slice_prompts`); None: ``1 - confidence``.
+        ema_decay: the EMA teacher's decay.
+        unlabeled_batch: unlabeled slices per step (global, over all processes).
+        strong_views: **(ours)** strong views cached per unlabeled slice (K >= 1). The image
+            encoder is frozen, so each strong view is drawn once (seeded) and embedded once; every
+            step picks two of the K. See :mod:`sss_lib.trainer.unlabeled`.
+        cutmix_p: probability of CutMix on the second strong view.
+        dfe_width: DFE's common width D (None: the widest feature scale, as in the paper).
+        lr_dfe: DFE's learning rate (None: ``train.lr_head``).
+        unsup_head_weight / unsup_decoder_weight: weights of the coarse head's and the mask
+            decoder's consistency terms inside the unsupervised loss.
+        unsup_decoder_classes: at most this many prompted classes per unlabeled slice enter the
+            decoder's consistency each step (drawn at random; None: all). Each is one decode
+            with gradients, the costliest part of a step on a CPU.
+        strong: the strong augmentation's settings.
+    """
+
+    train: TrainConfig
+    run_dir: Path
+    copy_to: Path | None = None
+    checkpoint_every: int = 50
+    on_bad_case: Literal["skip", "stop"] = "stop"
+    random_init: bool = False
+
+    unlabeled: Path | None = None
+    consistency: bool = True
+    use_dfe: bool = True
+    use_pcsw: bool = True
+    warmup_iterations: int | None = None
+    rampup_iterations: int | None = None
+    lambda_u: float = 1.0
+    confidence: float = 0.95
+    untrusted_floor: float | None = None
+    ema_decay: float = 0.99
+    unlabeled_batch: int = 4
+    strong_views: int = 2
+    cutmix_p: float = 0.5
+    dfe_width: int | None = None
+    lr_dfe: float | None = None
+    unsup_head_weight: float = 1.0
+    unsup_decoder_weight: float = 1.0
+    unsup_decoder_classes: int | None = None
+    strong: StrongViewSettings = dataclasses.field(default_factory=StrongViewSettings)
+
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.run_dir)
+        self.copy_to = Path(self.copy_to) if self.copy_to is not None else None
+        self.unlabeled = Path(self.unlabeled) if self.unlabeled is not None else None
+        checks = [
+            (self.checkpoint_every >= 1, "checkpoint_every must be at least 1"),
+            (self.on_bad_case in ("skip", "stop"), "on_bad_case must be 'skip' or 'stop'"),
+            (self.warmup_iterations is None or self.warmup_iterations >= 0, "warmup_iterations must be >= 0"),
+            (self.rampup_iterations is None or self.rampup_iterations >= 0, "rampup_iterations must be >= 0"),
+            (self.lambda_u >= 0, "lambda_u must be >= 0"),
+            (0.0 <= self.confidence <= 1.0, "confidence must lie in [0, 1]"),
+            (self.untrusted_floor is None or 0.0 < self.untrusted_floor <= 1.0, "untrusted_floor must lie in (0, 1]"),
+            (0.0 <= self.ema_decay < 1.0, "ema_decay must lie in [0, 1)"),
+            (self.unlabeled_batch >= 1, "unlabeled_batch must be at least 1"),
+            (self.strong_views >= 1, "strong_views must be at least 1"),
+            (0.0 <= self.cutmix_p <= 1.0, "cutmix_p must lie in [0, 1]"),
+            (self.dfe_width is None or self.dfe_width >= 1, "dfe_width must be at least 1"),
+            (self.lr_dfe is None or self.lr_dfe > 0, "lr_dfe must be positive"),
+            (self.unsup_head_weight >= 0 and self.unsup_decoder_weight >= 0, "unsupervised weights must be >= 0"),
+            (self.unsup_decoder_classes is None or self.unsup_decoder_classes >= 0,
+             "unsup_decoder_classes must be >= 0"),
+        ]
+        for ok, problem in checks:
+            if not ok:
+                raise InputError(None, f"training settings: {problem}", "Fix the value and start the run again.")
+
+    # -- derived -----------------------------------------------------------------------------------
+    @property
+    def semi_supervised(self) -> bool:
+        """True when the run uses unlabeled data (a folder is given and consistency is on)."""
+        return self.consistency and self.unlabeled is not None
+
+    @property
+    def total_steps(self) -> int:
+        return int(self.train.iterations)
+
+    @property
+    def warmup(self) -> int:
+        n = self.warmup_iterations
+        return int(round(0.2 * self.total_steps)) if n is None else int(n)
+
+    @property
+    def rampup(self) -> int:
+        n = self.rampup_iterations
+        return int(round(0.2 * self.total_steps)) if n is None else int(n)
+
+    @property
+    def floor(self) -> float:
+        """The coarse probability from which a class without a prompt makes a pixel untrusted."""
+        if self.untrusted_floor is not None:
+            return float(self.untrusted_floor)
+        return max(1.0 - self.confidence, 1e-3)
+
+    @property
+    def val_every(self) -> int:
+        return int(self.train.val_every or max(1, self.total_steps // 4))
+
+    # -- JSON --------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types (paths as strings, tuples as lists), with a ``schema`` key."""
+        return {"schema": SCHEMA, **_plain(dataclasses.asdict(self))}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: object = None) -> "SemiSupConfig":
+        """Rebuild from :meth:`to_dict`'s form.
+
+        Raises:
+            InputError: another schema, or settings this version does not know.
+        """
+        body = dict(data)
+        schema = body.pop("schema", SCHEMA)
+        if schema != SCHEMA:
+            raise InputError(source, f"training settings have schema {schema!r}, this version reads {SCHEMA!r}",
+                             "Resume with the SSS version that started the run, or start a new run.")
+        try:
+            train = dict(body.pop("train"))
+            train["pcsw"] = PcswConfig(**train.get("pcsw", {}))
+            train["jitter"] = PromptJitter(**train.get("jitter", {}))
+            for key in ("window", "percentiles"):
+                if key in train:
+                    train[key] = tuple(train[key])
+            if train.get("val_cases") is not None:
+                train["val_cases"] = tuple(train["val_cases"])
+            strong = {k: tuple(v) if isinstance(v, list) else v for k, v in body.pop("strong", {}).items()}
+            return cls(train=TrainConfig(**train), strong=StrongViewSettings(**strong), **body)
+        except (TypeError, KeyError, ValueError) as exc:
+            raise InputError(source, f"training settings cannot be read ({exc})",
+                             "Start a new run folder, or resume with the SSS version that started it.") from exc
+
+    def to_run_config(self) -> "RunConfig":
+        """The run folder's :class:`~sss_lib.runs.RunConfig`, with this config as its ``extra``."""
+        from ..runs.config import RunConfig
+
+        t = self.train
+        return RunConfig(
+            run_dir=str(self.run_dir), total_steps=self.total_steps, seed=t.seed, warmup_steps=self.warmup,
+            rampup_steps=self.rampup, lambda_u=self.lambda_u, confidence_threshold=self.confidence,
+            ema_decay=self.ema_decay, labeled_batch=t.head_batch, unlabeled_batch=self.unlabeled_batch,
+            lr=t.lr_decoder, weight_decay=t.weight_decay, poly_power=0.9, cutmix_p=self.cutmix_p,
+            dfe_width=self.dfe_width, val_every=self.val_every, checkpoint_every=self.checkpoint_every,
+            extra={"trainer": self.to_dict()},
+        )
+
+    @classmethod
+    def from_run_config(cls, run: "RunConfig", source: object = None) -> "SemiSupConfig":
+        """The config a run folder was started with (see :meth:`to_run_config`)."""
+        body = run.extra.get("trainer")
+        if not isinstance(body, dict):
+            raise InputError(source, "the run configuration holds no trainer settings",
+                             "This run folder was not written by `sss_lib train`; start a new run.")
+        return cls.from_dict(body, source)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value

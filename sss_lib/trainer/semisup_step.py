@@ -1,0 +1,495 @@
+"""One optimiser step of semi-supervised training (SSS_METHOD.md sections 3 and 4).
+
+Supervised part (every step), as the supervised trainer: the coarse head on ``head_batch``
+labeled slices (cross-entropy + Dice) and the mask decoder on ``decoder_batch`` prompts drawn
+from the labels (BCE + Dice + IoU/object heads).
+
+Unsupervised part (after the warm-up, weighted by the ramped lambda_u), per unlabeled slice:
+
+1. **Teacher** (EMA of the student) on the weak view: coarse head over the slice's whole volume
+   -> PCSW -> a prompt per class on this slice (:mod:`.slice_prompts`) -> the teacher's mask
+   decoder -> per-class logits -> pseudo-label and confidence (highest class probability, with a
+   0 background logit, ``>= confidence``); pixels the teacher's prompts cannot vouch for are not
+   trusted.
+2. **Student** on two cached strong views (:mod:`.unlabeled`), each enhanced by DFE with the weak
+   view's features (``--no-dfe``: used as they are):
+
+   * view 1 -> coarse head and, with the teacher's prompts, mask decoder; both against the
+     pseudo-label on trusted pixels (cross-entropy + Dice);
+   * view 2 -> CutMix with its partner slice of the batch (the features of both views are mixed
+     on the feature grid, the pseudo-labels and trust on the slice grid with the same box)
+     -> coarse head, against the mixed pseudo-label.
+
+   **(ours)** CutMix goes to the prompt-free coarse head only: content pasted into a slice is not
+   described by that slice's prompts, so a prompted decoder cannot be asked to segment it.
+   **(ours)** CutMix runs on cached embeddings (features of both partners mixed inside a box on
+   the feature grid) rather than on pixels, which would need a fresh encoding.
+
+Every loss is a mean of per-sample terms, and CutMix partners are neighbours ``(2k, 2k + 1)`` of
+the global batch, so data-parallel processes that each take a contiguous even share compute
+exactly the single-process step (:mod:`.distributed`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..backbones.base import ABSENT_LOGIT
+from ..semisup import EmaTeacher, masked_consistency_loss, object_probabilities, confidence_mask
+from ..semisup import unsupervised_weight, with_background_logit
+from .adapters import DecoderAdapter
+from .data import LabeledCase
+from .distributed import DistContext
+from .losses import coarse_loss, mask_loss
+from .samples import ClassIndex, draw_samples
+from .semisup_config import SemiSupConfig
+from .slice_prompts import SlicePlan, box_slice_plans, pcsw_slice_plans
+from .unlabeled import UnlabeledCase
+
+log = logging.getLogger(__name__)
+
+#: CutMix box area (fraction of the feature grid) and aspect ratio ranges (UniMatch's).
+CUTMIX_AREA = (0.02, 0.4)
+CUTMIX_RATIO = (0.3, 1 / 0.3)
+
+
+@dataclasses.dataclass
+class Targets:
+    """The teacher's answer for one unlabeled slice (slice grid ``(H, W)``).
+
+    ``pseudo``: long channel index (0 = background, ``c`` = the c-th class); ``trusted``: bool.
+    """
+
+    pseudo: torch.Tensor
+    trusted: torch.Tensor
+    plan: SlicePlan
+
+
+class UnlabeledOrder:
+    """Epochs over the unlabeled slices: a seeded permutation, consumed a global batch at a time."""
+
+    def __init__(self, slices: Sequence[tuple[int, int]], rng: np.random.Generator) -> None:
+        self.slices = list(slices)
+        self.rng = rng
+        self.epoch = 0
+        self.position = 0
+        self.perm = rng.permutation(len(self.slices)) if self.slices else np.zeros(0, np.int64)
+
+    def next(self, n: int) -> list[tuple[int, int]]:
+        out = []
+        for _ in range(n):
+            if self.position >= len(self.perm):
+                self.epoch += 1
+                self.position = 0
+                self.perm = self.rng.permutation(len(self.slices))
+            out.append(self.slices[int(self.perm[self.position])])
+            self.position += 1
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"perm": torch.as_tensor(self.perm, dtype=torch.int64), "position": self.position,
+                "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.perm = state["perm"].numpy().astype(np.int64)
+        self.position = int(state["position"])
+        self.epoch = int(state["epoch"])
+
+
+@dataclasses.dataclass
+class StepContext:
+    """What a step needs besides the modules: data, classes, geometry helpers."""
+
+    config: SemiSupConfig
+    adapter: DecoderAdapter
+    labeled: list[LabeledCase]
+    unlabeled: list[UnlabeledCase]
+    labels: list[int]
+    class_ranges: dict[int, tuple[float, float]]
+    carry_fraction: float
+    carry_points: bool
+    dist: DistContext
+
+
+class SemiSupStepper:
+    """Owns the student's optimiser, the EMA teacher, the generators and the data order."""
+
+    def __init__(self, ctx: StepContext, student: nn.ModuleDict) -> None:
+        cfg = ctx.config
+        self.ctx = ctx
+        self.cfg = cfg
+        self.adapter = ctx.adapter
+        self.student = student
+        self.rng = np.random.default_rng(np.random.SeedSequence([int(cfg.train.seed), 0x7EA1]))
+        self.gen = torch.Generator().manual_seed(int(np.random.SeedSequence([int(cfg.train.seed), 0xC07]).generate_state(1)[0]))
+        top = max(max(ctx.labels), max(int(c.labels.max(initial=0)) for c in ctx.labeled))
+        self.lut = np.zeros(top + 2, np.int64)
+        for channel, lbl in enumerate(ctx.labels, start=1):
+            self.lut[lbl] = channel
+        self.lut[-1] = -1  # IGNORE (-1) indexes the last entry
+        self.slices = [(c, s) for c, case in enumerate(ctx.labeled) for s in range(case.n_slices)]
+        self.stacks = [c.labels for c in ctx.labeled]
+        self.index = ClassIndex.build(self.stacks, ctx.labels)
+        self.order = UnlabeledOrder([(c, s) for c, u in enumerate(ctx.unlabeled) for s in range(u.n_slices)], self.rng)
+
+        for module in self.adapter.modules().values():
+            module.requires_grad_(False)
+        decoder_params = self.adapter.trainable_parameters() if cfg.train.train_decoder else []
+        for p in decoder_params:
+            p.requires_grad_(True)
+        groups = [{"params": list(student["coarse_head"].parameters()), "lr": cfg.train.lr_head}]
+        if "dfe" in student:
+            groups.append({"params": list(student["dfe"].parameters()), "lr": cfg.lr_dfe or cfg.train.lr_head})
+        if decoder_params:
+            groups.append({"params": decoder_params, "lr": cfg.train.lr_decoder})
+        self.params = [p for g in groups for p in g["params"]]
+        self.base_lrs = [g["lr"] for g in groups]
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
+        self.teacher = EmaTeacher(student, cfg.ema_decay) if cfg.semi_supervised else None
+
+    # -- state -------------------------------------------------------------------------------------
+    @property
+    def generators(self) -> dict[str, Any]:
+        return {"sample": self.rng, "augment": self.gen}
+
+    @property
+    def device(self) -> torch.device:
+        return self.adapter.device
+
+    # -- the step ----------------------------------------------------------------------------------
+    def step(self, step: int) -> dict[str, float]:
+        """Run optimiser step ``step`` (1-based); returns this process's loss values and stats."""
+        cfg = self.cfg
+        factor = (1.0 - (step - 1) / cfg.total_steps) ** 0.9
+        for group, lr in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = lr * factor
+        self.student.train()
+        self.adapter.train(cfg.train.train_decoder)
+        self.optimizer.zero_grad(set_to_none=True)
+        weight = 0.0
+        if self.teacher is not None:
+            weight = unsupervised_weight(step - 1, warmup_steps=cfg.warmup, rampup_steps=cfg.rampup,
+                                         lambda_u=cfg.lambda_u)
+        with training_autocast(self.device):
+            head = self._head_loss()
+            dec = self._decoder_loss() if cfg.train.train_decoder else None
+            sup = head if dec is None else head + dec
+            stats: dict[str, float] = {}
+            total = sup
+            if weight > 0:
+                unsup, stats = self._unsupervised()
+                total = sup + weight * unsup
+        total.backward()
+        self.ctx.dist.average_gradients(self.params)
+        self.optimizer.step()
+        if self.teacher is not None:
+            self.teacher.update(self.student)
+        row = {"total": total.item(), "sup": sup.item(), "head": head.item(),
+               "decoder": dec.item() if dec is not None else float("nan"),
+               "unsup": stats.get("unsup", float("nan")), "lambda_u": weight,
+               "mask_ratio": stats.get("mask_ratio", float("nan"))}
+        row.update({k: v for k, v in stats.items() if k not in row})
+        row["lr"] = self.optimizer.param_groups[-1]["lr"]
+        return row
+
+    # -- supervised ------------------------------------------------------------------------------
+    def _head_loss(self) -> torch.Tensor:
+        n = self.cfg.train.head_batch
+        picks = self.rng.choice(len(self.slices), size=n, replace=n > len(self.slices))
+        mine = self.ctx.dist.shard([int(i) for i in picks])
+        embs, targets = [], []
+        for i in mine:
+            c, s = self.slices[i]
+            case = self.ctx.labeled[c]
+            embs.append((case, case.session.embedding(s)))
+            targets.append(self.lut[case.labels[s].astype(np.int64)])
+        levels = zip(*(self.adapter.coarse_features(e) for _, e in embs))
+        logits = self.student["coarse_head"]([torch.cat(level) for level in levels]).float()
+        loss = logits.new_zeros(())
+        for n_, ((case, emb), target) in enumerate(zip(embs, targets)):
+            grid = self.adapter.to_slice_grid(logits[n_:n_ + 1], emb, tuple(case.labels.shape[1:]))
+            loss = loss + coarse_loss(grid, torch.from_numpy(target).to(grid.device)[None])
+        return loss / len(embs)
+
+    def _decoder_loss(self) -> torch.Tensor:
+        cfg = self.cfg.train
+        samples = draw_samples(self.stacks, self.index, cfg.decoder_batch, self.rng, cfg.jitter,
+                               carry_fraction=self.ctx.carry_fraction, carry_points=self.ctx.carry_points,
+                               ended_fraction=cfg.ended_fraction,
+                               spacings_xy=[c.spacing_xy for c in self.ctx.labeled])
+        total = None
+        mine = self.ctx.dist.shard(samples)
+        for sample in mine:
+            case = self.ctx.labeled[sample.case_index]
+            out = self.adapter.decode(case.session.embedding(sample.slice_index), case.labels.shape[1:],
+                                      sample.box, sample.positive, sample.negative)
+            target = torch.from_numpy(sample.target).to(out.logits.device)
+            loss, _ = mask_loss(out.logits.float(), target, out.iou.float(),
+                                out.object_score.float() if out.object_score is not None else None)
+            total = loss if total is None else total + loss
+        assert total is not None
+        return total / len(mine)
+
+    # -- unsupervised ----------------------------------------------------------------------------
+    def _unsupervised(self) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = self.cfg
+        n = cfg.unlabeled_batch
+        picks = self.order.next(n)
+        k = cfg.strong_views
+        # Drawn for the whole global batch on every process, so every share sees the same draws.
+        views = torch.rand(n, k, generator=self.gen).argsort(dim=1)
+        first = views[:, 0]
+        second = views[:, 1] if k > 1 else views[:, 0]
+        coins = torch.rand(n, generator=self.gen) < cfg.cutmix_p
+        box_draws = torch.rand(n, 4, generator=self.gen)
+        class_order = torch.rand(n, len(self.ctx.labels), generator=self.gen).argsort(dim=1)
+
+        start, stop = self.ctx.dist.bounds(n)
+        local = list(range(start, stop))
+        targets = self._teacher([picks[i] for i in local])
+
+        weak = [self._unlabeled_case(picks[i]).session.embedding(picks[i][1]) for i in local]
+        strong1 = [self._unlabeled_case(picks[i]).strong[picks[i][1]][int(first[i])] for i in local]
+        strong2 = [self._unlabeled_case(picks[i]).strong[picks[i][1]][int(second[i])] for i in local]
+        f_weak = [self.adapter.coarse_features(e) for e in weak]
+        f_s1 = [self.adapter.coarse_features(e) for e in strong1]
+        f_s2 = [self.adapter.coarse_features(e) for e in strong2]
+
+        # CutMix on view 2 with the partner (2k <-> 2k + 1) when it is in this share.
+        pseudo2 = [t.pseudo for t in targets]
+        trusted2 = [t.trusted for t in targets]
+        f_w2 = list(f_weak)
+        mixed = 0
+        for j, i in enumerate(local):
+            partner = i ^ 1
+            if not (start <= partner < stop) or not bool(coins[i]):
+                continue
+            pj = partner - start
+            if targets[pj].pseudo.shape != targets[j].pseudo.shape or \
+                    [f.shape for f in f_s2[pj]] != [f.shape for f in f_s2[j]]:
+                continue
+            to_grid = lambda m, e=weak[j], hw=tuple(targets[j].pseudo.shape): self.adapter.to_slice_grid(m, e, hw)  # noqa: E731
+            view = cutmix_features(f_weak[j], f_s2[j], targets[j].pseudo, targets[j].trusted,
+                                   f_weak[pj], f_s2[pj], targets[pj].pseudo, targets[pj].trusted, box_draws[i], to_grid)
+            f_w2[j], f_s2[j], pseudo2[j], trusted2[j] = view.weak, view.strong, view.pseudo, view.trusted
+            mixed += 1
+
+        enhanced1 = self._enhance(f_weak, f_s1)
+        enhanced2 = self._enhance(f_w2, f_s2)
+        head1 = self._head_consistency(enhanced1, weak, [t.pseudo for t in targets], [t.trusted for t in targets])
+        head2 = self._head_consistency(enhanced2, weak, pseudo2, trusted2)
+        dec = self._decoder_consistency(enhanced1, strong1, targets, [class_order[i] for i in local])
+        per_sample = cfg.unsup_head_weight * (head1 + head2) / 2 + cfg.unsup_decoder_weight * dec
+        loss = per_sample.mean()
+        ratio = float(np.mean([t.trusted.float().mean().item() for t in targets]))
+        return loss, {"unsup": loss.item(), "unsup_head": float((head1 + head2).mean().item() / 2),
+                      "unsup_decoder": float(dec.mean().item()), "mask_ratio": ratio,
+                      "cutmix": mixed / max(1, len(local))}
+
+    def _unlabeled_case(self, pick: tuple[int, int]) -> UnlabeledCase:
+        return self.ctx.unlabeled[pick[0]]
+
+    def _enhance(self, weak: list[list[torch.Tensor]], strong: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+        """Per level ``(B, C_l, h_l, w_l)``: DFE-enhanced strong features (or the strong ones)."""
+        w = [torch.cat(level) for level in zip(*weak)]
+        s = [torch.cat(level) for level in zip(*strong)]
+        if "dfe" not in self.student:
+            return s
+        return self.student["dfe"](w, s).features
+
+    def _head_consistency(self, feats: list[torch.Tensor], embs: list[Any], pseudo: list[torch.Tensor],
+                          trusted: list[torch.Tensor]) -> torch.Tensor:
+        logits = self.student["coarse_head"](feats).float()
+        out = []
+        for n, emb in enumerate(embs):
+            grid = self.adapter.to_slice_grid(logits[n:n + 1], emb, tuple(pseudo[n].shape))
+            out.append(masked_consistency_loss(grid, pseudo[n][None], trusted[n][None]))
+        return torch.stack(out)
+
+    def _decoder_consistency(self, feats: list[torch.Tensor], embs: list[Any], targets: list[Targets],
+                             orders: list[torch.Tensor]) -> torch.Tensor:
+        cap = self.cfg.unsup_decoder_classes
+        out = []
+        for n, (emb, t) in enumerate(zip(embs, targets)):
+            prompted = [self.ctx.labels[int(c)] for c in orders[n] if self.ctx.labels[int(c)] in t.plan.prompts]
+            chosen = prompted if cap is None else prompted[:cap]
+            if not chosen or not self.cfg.train.train_decoder:
+                out.append(feats[0].new_zeros(()).float())
+                continue
+            enhanced = with_features(emb, [f[n:n + 1] for f in feats])
+            terms = []
+            for label in chosen:
+                p = t.plan.prompts[label]
+                logits = self.adapter.decode(enhanced, tuple(t.pseudo.shape), p.box, p.positive, p.negative).logits
+                binary = with_background_logit(logits.float()[None, None])
+                channel = self.ctx.labels.index(label) + 1
+                terms.append(masked_consistency_loss(binary, (t.pseudo == channel).long()[None], t.trusted[None]))
+            out.append(torch.stack(terms).mean())
+        return torch.stack(out)
+
+    # -- teacher ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _teacher(self, picks: list[tuple[int, int]]) -> list[Targets]:
+        from ..coarse_head import stack_probabilities
+
+        assert self.teacher is not None
+        cfg = self.cfg
+        teacher = self.teacher.module
+        by_case: dict[int, list[int]] = {}
+        for c, s in picks:
+            by_case.setdefault(c, []).append(s)
+        plans: dict[tuple[int, int], SlicePlan] = {}
+        for c, slices in by_case.items():
+            case = self.ctx.unlabeled[c]
+            probs = stack_probabilities(teacher["coarse_head"], self.adapter, case.session.embedding,
+                                        case.session.stack_shape, self.ctx.labels)
+            if cfg.use_pcsw:
+                found = pcsw_slice_plans(probs, slices, in_plane_spacing=case.spacing_xy,
+                                         slice_spacing=case.slice_spacing, class_ranges=self.ctx.class_ranges,
+                                         config=cfg.train.pcsw, untrusted_floor=cfg.floor)
+            else:
+                found = box_slice_plans(probs, slices, config=cfg.train.pcsw, untrusted_floor=cfg.floor)
+            plans.update({(c, s): plan for s, plan in found.items()})
+
+        out = []
+        with swapped_modules(self.adapter, {k: teacher[k] for k in self.adapter.modules()}):
+            for c, s in picks:
+                case = self.ctx.unlabeled[c]
+                plan = plans[(c, s)]
+                emb = case.session.embedding(s)
+                h, w = case.shape_hw
+                logits = torch.full((1, len(self.ctx.labels), h, w), ABSENT_LOGIT, device=self.device)
+                for label, p in plan.prompts.items():
+                    decoded = self.adapter.decode(emb, (h, w), p.box, p.positive, p.negative)
+                    logits[0, self.ctx.labels.index(label)] = decoded.logits.float()
+                pseudo, trusted = teacher_targets(logits, plan.untrusted, cfg.confidence)
+                out.append(Targets(pseudo, trusted, plan))
+        return out
+
+
+def training_autocast(device: torch.device) -> Any:
+    """bf16 autocast on CUDA; float32 elsewhere. **(ours)** Training stays in float32 on a CPU even
+    where the engine uses bf16 (CPUs with native bf16): a run's numbers must not depend on which
+    CPU it ran on, and LiteMedSAM's training step gains little from it (measured: ~10%)."""
+    import contextlib
+
+    if torch.device(device).type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def teacher_targets(logits: torch.Tensor, untrusted: np.ndarray, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pseudo-label and trust of one slice from the teacher's per-class mask logits.
+
+    Args:
+        logits: ``(1, K, H, W)``, channel ``c - 1`` = the c-th class's mask logits
+            (:data:`~sss_lib.backbones.base.ABSENT_LOGIT` where the class has no prompt).
+        untrusted: ``(H, W)`` bool, pixels the prompts cannot vouch for (:class:`SlicePlan`).
+        threshold: the confidence a trusted pixel needs.
+
+    Returns:
+        ``(pseudo, trusted)``: ``(H, W)`` long channel index (0 = background; the volume rule:
+        highest logit wins, background where all are below 0) and ``(H, W)`` bool.
+    """
+    pseudo, trusted = confidence_mask(object_probabilities(logits), threshold)
+    keep = ~torch.as_tensor(np.asarray(untrusted, bool), device=trusted.device)
+    return pseudo[0], trusted[0] & keep
+
+
+@dataclasses.dataclass
+class MixedView:
+    """A CutMix view: features per level ``(1, C_l, h_l, w_l)``, mixed targets ``(H, W)`` and the
+    slice-grid box ``(H, W)`` (True where content comes from the partner)."""
+
+    weak: list[torch.Tensor]
+    strong: list[torch.Tensor]
+    pseudo: torch.Tensor
+    trusted: torch.Tensor
+    box: torch.Tensor
+
+
+def cutmix_features(weak: list[torch.Tensor], strong: list[torch.Tensor], pseudo: torch.Tensor, trusted: torch.Tensor,
+                    weak_p: list[torch.Tensor], strong_p: list[torch.Tensor], pseudo_p: torch.Tensor,
+                    trusted_p: torch.Tensor, draws: torch.Tensor, to_slice_grid: Any) -> MixedView:
+    """Paste the partner's box into a slice: both views' features on every level (the box of
+    :func:`feature_boxes`), and the pseudo-label and trust on the slice grid (the box mapped by
+    ``to_slice_grid``: ``(1, 1, h_0, w_0)`` float -> ``(1, 1, H, W)``, the backbone's rule).
+    Inside the box every target is the partner's, outside it stays the slice's own."""
+    boxes = feature_boxes([f.shape[-2:] for f in strong], draws)
+    mix = lambda own, other: [torch.where(b.to(f.device), fp, f) for b, f, fp in zip(boxes, own, other)]  # noqa: E731
+    grid = to_slice_grid(boxes[0].float().to(strong[0].device))[0, 0] > 0.5
+    grid = grid.to(pseudo.device)
+    return MixedView(mix(weak, weak_p), mix(strong, strong_p), torch.where(grid, pseudo_p, pseudo),
+                     torch.where(grid, trusted_p, trusted), grid)
+
+
+def feature_boxes(shapes: Sequence[Sequence[int]], draws: torch.Tensor) -> list[torch.Tensor]:
+    """One CutMix box as ``(1, 1, h_l, w_l)`` bool masks, one per feature level (finest first).
+
+    The box is drawn on the coarsest grid from ``draws`` (4 uniforms: area, aspect, x, y) with
+    :data:`CUTMIX_AREA` and :data:`CUTMIX_RATIO`, and scaled up to the finer grids, so it covers
+    the same region of the slice at every level.
+    """
+    hc, wc = (int(v) for v in shapes[-1])
+    area = CUTMIX_AREA[0] + (CUTMIX_AREA[1] - CUTMIX_AREA[0]) * float(draws[0])
+    aspect = math.exp(math.log(CUTMIX_RATIO[0]) + (math.log(CUTMIX_RATIO[1]) - math.log(CUTMIX_RATIO[0])) * float(draws[1]))
+    size = area * hc * wc
+    bw = min(wc, max(1, int(math.sqrt(size / aspect))))
+    bh = min(hc, max(1, int(math.sqrt(size * aspect))))
+    x0 = int(float(draws[2]) * (wc - bw + 1))
+    y0 = int(float(draws[3]) * (hc - bh + 1))
+    out = []
+    for h, w in shapes:
+        fy, fx = int(h) // hc, int(w) // wc
+        m = torch.zeros(1, 1, int(h), int(w), dtype=torch.bool)
+        m[..., y0 * fy:(y0 + bh) * fy, x0 * fx:(x0 + bw) * fx] = True
+        out.append(m)
+    return out
+
+
+def with_features(embedding: Any, features: list[torch.Tensor]) -> Any:
+    """A copy of a backbone embedding whose feature maps are ``features`` (one per level)."""
+    current = embedding.features
+    if isinstance(current, (tuple, list)):
+        return dataclasses.replace(embedding, features=tuple(features))
+    return dataclasses.replace(embedding, features=features[0])
+
+
+class swapped_modules:
+    """Run the backbone with other modules in place of its decoder components (the teacher's).
+
+    ``modules``: component name (as :meth:`DecoderAdapter.modules`) -> module to put in its place.
+    """
+
+    def __init__(self, adapter: DecoderAdapter, modules: dict[str, nn.Module]) -> None:
+        self.adapter = adapter
+        self.modules = modules
+        self._undo: list[tuple[nn.Module, str, nn.Module]] = []
+
+    def __enter__(self) -> "swapped_modules":
+        own = self.adapter.modules()
+        roots = [m for m in (getattr(self.adapter.backbone, "net", None), getattr(self.adapter.backbone, "model", None))
+                 if isinstance(m, nn.Module)]
+        found = []
+        for comp, replacement in self.modules.items():
+            target = own[comp]
+            for root in roots:
+                for parent in root.modules():
+                    found += [(parent, name, target, replacement) for name, child in parent.named_children()
+                              if child is target]
+        for parent, name, target, replacement in found:  # after the walk: never edit what is walked
+            self._undo.append((parent, name, target))
+            setattr(parent, name, replacement)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for parent, name, module in reversed(self._undo):
+            setattr(parent, name, module)
+        self._undo.clear()
