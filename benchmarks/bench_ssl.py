@@ -161,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reuse", default=None, metavar="RESULTS_JSON",
                     help="take the rows of --reuse-configs from an earlier results file with the same settings")
     ap.add_argument("--reuse-configs", nargs="*", default=["sup"], choices=list(CONFIGS))
+    ap.add_argument("--reevaluate", default=None, metavar="RESULTS_JSON",
+                    help="train nothing: score the models of an earlier run (WORKDIR/nN/CONFIG/model.ssstask) on "
+                         "--test-cases test phantoms (the first ones are the earlier test cases) and rewrite the table")
     args = ap.parse_args(argv)
     if args.smoke:
         args.pool_cases, args.labeled, args.val_cases, args.test_cases = 4, [1], 1, 1
@@ -191,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     saved = _load_embeddings(cache_file, store, strong_cache)
     results: dict = {"settings": {k: v for k, v in vars(args).items()}, "runs": []}
     earlier = _reusable(args)
+    if args.reevaluate:
+        return _reevaluate(args, work, test, backbone, store, strong_cache, cache_file, saved, t_all)
     t0 = time.perf_counter()
     precompute(pool, test, args, backbone, store, strong_cache)
     saved = _save_embeddings(cache_file, store, strong_cache, saved)
@@ -239,6 +244,28 @@ def main(argv: list[str] | None = None) -> int:
     table = _write(results, args, t_all)
     print()
     print(table)
+    return 0
+
+
+def _reevaluate(args: argparse.Namespace, work: Path, test: Path, backbone, store, strong_cache: dict,  # noqa: ANN001
+                cache_file: Path, saved: int, t_all: float) -> int:
+    old = json.loads(Path(args.reevaluate).read_text())
+    pristine = (backbone.stop_rule, backbone.carry_points)
+    results = {**old, "runs": [], "reevaluated": {"from": str(args.reevaluate), "test_cases": args.test_cases,
+                                                  "earlier_test_cases": old["settings"]["test_cases"]}}
+    args.iterations = old["settings"]["iterations"]
+    for row in old["runs"]:
+        model = work / f"n{row['labeled']}" / row["config"] / "model.ssstask"
+        backbone.stop_rule, backbone.carry_points = pristine
+        t0 = time.perf_counter()
+        scores = evaluate(model, test, backbone, store)
+        saved = _save_embeddings(cache_file, store, strong_cache, saved)
+        results["runs"].append({**row, **scores, "eval_seconds": time.perf_counter() - t0, "model": str(model)})
+        print(f"{row['labeled']} labeled, {row['title']}: test Dice {scores['mean_dice']:.4f} on {args.test_cases} "
+              f"cases (was {row['mean_dice']:.4f} on {old['settings']['test_cases']})", flush=True)
+        results["settings"] = {**old["settings"], "test_cases": args.test_cases}
+        _write(results, argparse.Namespace(**{**vars(args), **results["settings"], "name": args.name}), t_all)
+    print(_write(results, argparse.Namespace(**{**vars(args), **results["settings"], "name": args.name}), t_all))
     return 0
 
 
