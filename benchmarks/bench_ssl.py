@@ -11,6 +11,7 @@ survive) and a markdown table is printed at the end.
 
     python benchmarks/bench_ssl.py                         # the reported configuration
     python benchmarks/bench_ssl.py --smoke                 # a 2-minute check that it runs
+    python benchmarks/bench_ssl.py --merge A.json B.json --name ssl_cpu   # one table from side-by-side runs
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ CONFIGS = {
     "sup": ("supervised only", dict(consistency=False)),
     "nodfe": ("consistency, no DFE", dict(use_dfe=False)),
     "full": ("full SSS (DFE + PCSW)", dict()),
+    "full_gain0": ("full SSS, DFE gain from 0", dict(dfe_zero_init_gain=True)),
 }
 
 
@@ -107,6 +109,12 @@ def precompute(pool: Path, test: Path, args: argparse.Namespace, backbone, store
 
 
 def evaluate(model_path: Path, test: Path, backbone, store) -> dict:  # noqa: ANN001
+    """Auto-segment every test case with the task model and score it. Besides the pipeline as it
+    ships (``dice``), each case is also scored with box-only prompts (``dice_boxes``, see
+    :attr:`sss_lib.auto_segment.TaskRuntime.prompt_points`) and by the coarse head alone (the
+    argmax of its probabilities, ``dice_coarse``), which shows what training did to each stage."""
+    import dataclasses as dc
+
     from sss_lib.auto_segment import AutoSegmentSession, TaskRuntime
     from sss_lib.datasets import open_dataset
     from sss_lib.metrics import dice, hd95
@@ -114,15 +122,26 @@ def evaluate(model_path: Path, test: Path, backbone, store) -> dict:  # noqa: AN
     from sss_lib.volume_io import read_label, read_volume
 
     runtime = TaskRuntime.from_task_model(load_task_model(model_path), backbone=backbone)
+    boxes = dc.replace(runtime, prompt_points=False)
     rows = []
     for case in open_dataset(test).cases:
         image, truth = read_volume(case.image_path), read_label(case.label_path)
         t = time.perf_counter()
-        result = AutoSegmentSession(image, runtime, store=store).run()
-        pred = result.labels.voxels
-        d = {CLASS_NAMES[k]: dice(pred == k, truth.voxels == k) for k in CLASS_NAMES}
-        h = {CLASS_NAMES[k]: hd95(pred == k, truth.voxels == k, truth.spacing[::-1]) for k in CLASS_NAMES}
-        rows.append({"case": case.case_id, "dice": d, "hd95": h, "seconds": time.perf_counter() - t})
+        session = AutoSegmentSession(image, runtime, store=store)
+        pred = session.run().labels.voxels
+        seconds = time.perf_counter() - t
+        probs = session.probabilities()
+        background = 1.0 - sum(probs[k] for k in CLASS_NAMES)
+        coarse = np.stack([background, *[probs[k] for k in CLASS_NAMES]]).argmax(0)
+        by_box = AutoSegmentSession(image, boxes, store=store).run().labels.voxels
+        gt = truth.voxels
+        rows.append({
+            "case": case.case_id, "seconds": seconds,
+            "dice": {CLASS_NAMES[k]: dice(pred == k, gt == k) for k in CLASS_NAMES},
+            "hd95": {CLASS_NAMES[k]: hd95(pred == k, gt == k, truth.spacing[::-1]) for k in CLASS_NAMES},
+            "dice_boxes": {CLASS_NAMES[k]: dice(by_box == k, gt == k) for k in CLASS_NAMES},
+            "dice_coarse": {CLASS_NAMES[k]: dice(coarse == n, gt == k) for n, k in enumerate(CLASS_NAMES, start=1)},
+        })
     dice_all = [v for r in rows for v in r["dice"].values()]
     hd_all = [v for r in rows for v in r["hd95"].values()]
     finite = [v for v in hd_all if math.isfinite(v)]
@@ -130,6 +149,8 @@ def evaluate(model_path: Path, test: Path, backbone, store) -> dict:  # noqa: AN
         "cases": rows,
         "mean_dice": float(np.mean(dice_all)),
         "dice_per_class": {n: float(np.mean([r["dice"][n] for r in rows])) for n in CLASS_NAMES.values()},
+        "mean_dice_boxes": float(np.mean([v for r in rows for v in r["dice_boxes"].values()])),
+        "mean_dice_coarse": float(np.mean([v for r in rows for v in r["dice_coarse"].values()])),
         "mean_hd95_mm": float(np.mean(finite)) if finite else None,
         "hd95_missing": len(hd_all) - len(finite),
     }
@@ -141,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--labeled", type=int, nargs="+", default=[3, 1, 7],
                     help="labeled counts to compare (3 first: the target is stated for it)")
     ap.add_argument("--val-cases", type=int, default=2)
-    ap.add_argument("--test-cases", type=int, default=6)
+    ap.add_argument("--test-cases", type=int, default=20)
     ap.add_argument("--slices", type=int, default=6)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--iterations", type=int, default=100)
@@ -153,10 +174,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strong-views", type=int, default=2)
     ap.add_argument("--unsup-decoder-classes", type=int, default=1)
     ap.add_argument("--dfe-width", type=int, default=64)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="phantom seed (pool, validation and test cases)")
+    ap.add_argument("--train-seeds", type=int, nargs="+", default=None,
+                    help="training seeds; each (labeled, model) pair is trained once per seed and the table "
+                         "reports the mean and the spread over seeds (default: --seed)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--name", default="ssl_cpu", help="results file name (benchmarks/results/NAME.json)")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="RESULTS_JSON",
+                    help="train nothing: combine the runs of results files made with the same settings (e.g. "
+                         "by processes that ran different seeds or models side by side) into --name")
+    ap.add_argument("--embed-only", action="store_true", help="compute and save the embeddings, train nothing")
     ap.add_argument("--smoke", action="store_true", help="tiny settings: check that everything runs")
     ap.add_argument("--reuse", default=None, metavar="RESULTS_JSON",
                     help="take the rows of --reuse-configs from an earlier results file with the same settings")
@@ -169,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         args.pool_cases, args.labeled, args.val_cases, args.test_cases = 4, [1], 1, 1
         args.slices, args.iterations, args.name = 4, 6, "ssl_cpu_smoke"
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.merge:
+        return _merge(args)
 
     import torch
 
@@ -201,49 +231,68 @@ def main(argv: list[str] | None = None) -> int:
     saved = _save_embeddings(cache_file, store, strong_cache, saved)
     results["embed_seconds"] = time.perf_counter() - t0
     print(f"embeddings ready in {results['embed_seconds']:.0f} s", flush=True)
+    if args.embed_only:
+        return 0
 
-    for n_lab in args.labeled:
+    seeds = args.train_seeds or [args.seed]
+    for n_lab, train_seed, key in [(n, t, k) for n in args.labeled for t in seeds for k in args.configs]:
         lab, unl, val_ids = split_folders(work, pool, n_lab, args.pool_cases, args.val_cases)
-        for key in args.configs:
-            title, overrides = CONFIGS[key]
-            if (n_lab, key) in earlier:
-                results["runs"].append(earlier[(n_lab, key)])
-                print(f"{n_lab} labeled, {title}: reused from {args.reuse}", flush=True)
-                continue
-            backbone.net.prompt_encoder.load_state_dict(pristine["pe"])
-            backbone.net.mask_decoder.load_state_dict(pristine["md"])
-            backbone.stop_rule, backbone.carry_points = settings
-            run_dir = work / f"n{n_lab}" / key
-            train = TrainConfig(lab, run_dir / "model.ssstask", backbone="litemedsam", device="cpu",
-                                val_cases=tuple(val_ids), iterations=args.iterations, seed=args.seed,
-                                head_batch=args.labeled_batch, decoder_batch=args.decoder_batch,
-                                val_every=args.val_every or max(1, args.iterations // 2))
-            cfg = SemiSupConfig(train=train, run_dir=run_dir, unlabeled=unl, unlabeled_batch=args.unlabeled_batch,
-                                strong_views=args.strong_views, dfe_width=args.dfe_width,
-                                unsup_decoder_classes=args.unsup_decoder_classes,
-                                checkpoint_every=max(1, args.iterations), **overrides)
-            reporter = ProgressReporter(cfg.total_steps, json_lines=False, console_view=False,
-                                        history=run_dir / "history.jsonl")
-            t0 = time.perf_counter()
-            outcome = run_training(cfg, backbone=backbone, reporter=reporter, store=store, strong_cache=strong_cache,
-                                   console=lambda text: print(f"  {text}", flush=True))
-            train_s = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            scores = evaluate(outcome.model_path, test, backbone, store)
-            eval_s = time.perf_counter() - t0
-            saved = _save_embeddings(cache_file, store, strong_cache, saved)
-            row = {"labeled": n_lab, "config": key, "title": title, "train_seconds": train_s, "eval_seconds": eval_s,
-                   "timings": outcome.timings, "best_step": outcome.best_step, "best_val_dice": outcome.best_dice,
-                   "last_losses": outcome.last, "unlabeled_cases": len(outcome.unlabeled_cases),
-                   "seconds_per_step": outcome.timings["train"] / max(1, outcome.step), **scores}
-            results["runs"].append(row)
-            print(f"{n_lab} labeled, {title}: test Dice {scores['mean_dice']:.4f}, HD95 {scores['mean_hd95_mm']} mm "
-                  f"(train {train_s:.0f} s, {row['seconds_per_step']:.2f} s/step; eval {eval_s:.0f} s; "
-                  f"kept step {outcome.best_step}, val Dice {outcome.best_dice})", flush=True)
-            _write(results, args, t_all)
+        title, overrides = CONFIGS[key]
+        if (n_lab, key) in earlier and train_seed == args.seed:
+            results["runs"].append(earlier[(n_lab, key)])
+            print(f"{n_lab} labeled, {title}: reused from {args.reuse}", flush=True)
+            continue
+        backbone.net.prompt_encoder.load_state_dict(pristine["pe"])
+        backbone.net.mask_decoder.load_state_dict(pristine["md"])
+        backbone.stop_rule, backbone.carry_points = settings
+        run_dir = work / f"n{n_lab}" / (key if train_seed == args.seed else f"{key}_seed{train_seed}")
+        train = TrainConfig(lab, run_dir / "model.ssstask", backbone="litemedsam", device="cpu",
+                            val_cases=tuple(val_ids), iterations=args.iterations, seed=train_seed,
+                            head_batch=args.labeled_batch, decoder_batch=args.decoder_batch,
+                            val_every=args.val_every or max(1, args.iterations // 2))
+        cfg = SemiSupConfig(train=train, run_dir=run_dir, unlabeled=unl, unlabeled_batch=args.unlabeled_batch,
+                            strong_views=args.strong_views, strong_view_seed=args.seed, dfe_width=args.dfe_width,
+                            unsup_decoder_classes=args.unsup_decoder_classes,
+                            checkpoint_every=max(1, args.iterations), **overrides)
+        reporter = ProgressReporter(cfg.total_steps, json_lines=False, console_view=False,
+                                    history=run_dir / "history.jsonl")
+        t0 = time.perf_counter()
+        outcome = run_training(cfg, backbone=backbone, reporter=reporter, store=store, strong_cache=strong_cache,
+                               console=lambda text: print(f"  {text}", flush=True))
+        train_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        scores = evaluate(outcome.model_path, test, backbone, store)
+        eval_s = time.perf_counter() - t0
+        saved = _save_embeddings(cache_file, store, strong_cache, saved)
+        row = {"labeled": n_lab, "config": key, "title": title, "train_seed": train_seed, "train_seconds": train_s,
+               "eval_seconds": eval_s, "timings": outcome.timings, "best_step": outcome.best_step, "best_val_dice": outcome.best_dice,
+               "last_losses": outcome.last, "unlabeled_cases": len(outcome.unlabeled_cases),
+               "seconds_per_step": outcome.timings["train"] / max(1, outcome.step), **scores}
+        results["runs"].append(row)
+        print(f"{n_lab} labeled, {title}: test Dice {scores['mean_dice']:.4f}, HD95 {scores['mean_hd95_mm']} mm "
+              f"(train {train_s:.0f} s, {row['seconds_per_step']:.2f} s/step; eval {eval_s:.0f} s; "
+              f"kept step {outcome.best_step}, val Dice {outcome.best_dice})", flush=True)
+        _write(results, args, t_all)
     table = _write(results, args, t_all)
     print()
     print(table)
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    parts = [json.loads(Path(p).read_text()) for p in args.merge]
+    first = parts[0]["settings"]
+    for path, part in zip(args.merge, parts):
+        differ = [k for k in _MATTERS if k not in ("threads",) and part["settings"].get(k) != first.get(k)]
+        if differ:
+            raise SystemExit(f"{path}: settings {differ} differ from {args.merge[0]}'s; cannot merge")
+    runs = [r for part in parts for r in part["runs"]]
+    seeds = sorted({r.get("train_seed", first["seed"]) for r in runs})
+    merged = argparse.Namespace(**{**first, "name": args.name, "train_seeds": seeds,
+                                   "labeled": sorted({r["labeled"] for r in runs})})
+    results = {"settings": vars(merged), "merged_from": [str(p) for p in args.merge],
+               "embed_seconds": max(p.get("embed_seconds", 0.0) for p in parts), "runs": runs}
+    print(_write(results, merged, time.perf_counter()))
     return 0
 
 
@@ -319,14 +368,19 @@ def _save_embeddings(path: Path, store, strong_cache: dict, saved: int) -> int: 
 
 
 def _write(results: dict, args: argparse.Namespace, t_all: float) -> str:
+    groups = _groups(results["runs"])
     rows = []
-    for r in results["runs"]:
-        hd = r["mean_hd95_mm"]
-        rows.append([r["labeled"], r["title"], round(r["mean_dice"], 4),
-                     *[round(r["dice_per_class"][n], 4) for n in CLASS_NAMES.values()],
-                     round(hd, 2) if hd is not None else "n/a", r["hd95_missing"],
-                     round(r["seconds_per_step"], 2)])
-    headers = ["labeled", "model", "mean Dice", *CLASS_NAMES.values(), "HD95 mm", "HD95 missing", "s/step"]
+    for (n_lab, key), runs in groups.items():
+        dice = [r["mean_dice"] for r in runs]
+        hds = [r["mean_hd95_mm"] for r in runs if r["mean_hd95_mm"] is not None]
+        spread = f" ± {np.std(dice):.3f}" if len(dice) > 1 else ""
+        extra = [round(float(np.mean([r.get(k, float("nan")) for r in runs])), 3)
+                 for k in ("mean_dice_boxes", "mean_dice_coarse")]
+        rows.append([n_lab, runs[0]["title"], f"{np.mean(dice):.3f}{spread}", *extra,
+                     *[round(float(np.mean([r["dice_per_class"][n] for r in runs])), 3) for n in CLASS_NAMES.values()],
+                     round(float(np.mean(hds)), 2) if hds else "n/a", sum(r["hd95_missing"] for r in runs),
+                     len(runs), round(float(np.mean([r["seconds_per_step"] for r in runs])), 2)])
+    headers = ["labeled", "model", "mean Dice", "boxes only", "coarse head", *CLASS_NAMES.values(), "HD95 mm", "HD95 missing", "seeds", "s/step"]
     table = markdown_table(headers, rows)
     payload = {**results, "table_markdown": table, "total_seconds": time.perf_counter() - t_all,
                "summary": _summary(results["runs"])}
@@ -336,15 +390,29 @@ def _write(results: dict, args: argparse.Namespace, t_all: float) -> str:
     return table
 
 
+def _groups(runs: list[dict]) -> dict[tuple[int, str], list[dict]]:
+    """(labeled, config) -> its runs (one per training seed), in the order first seen."""
+    out: dict[tuple[int, str], list[dict]] = {}
+    for r in runs:
+        out.setdefault((r["labeled"], r["config"]), []).append(r)
+    return out
+
+
 def _summary(runs: list[dict]) -> dict:
+    """Per labeled count: the mean test Dice of each model over seeds, and the differences in Dice
+    points (also per seed, where both models ran with the same seed)."""
     out: dict = {}
-    for n in sorted({r["labeled"] for r in runs}):
-        by = {r["config"]: r["mean_dice"] for r in runs if r["labeled"] == n}
-        entry = {k: v for k, v in by.items()}
-        if "full" in by and "sup" in by:
-            entry["full_minus_sup_points"] = 100 * (by["full"] - by["sup"])
-        if "full" in by and "nodfe" in by:
-            entry["full_minus_nodfe_points"] = 100 * (by["full"] - by["nodfe"])
+    groups = _groups(runs)
+    for n in sorted({n for n, _ in groups}):
+        by = {k: [r for r in rs] for (m, k), rs in groups.items() if m == n}
+        entry: dict = {k: float(np.mean([r["mean_dice"] for r in rs])) for k, rs in by.items()}
+        for a, b in (("full", "sup"), ("full", "nodfe"), ("nodfe", "sup")):
+            if a in by and b in by:
+                entry[f"{a}_minus_{b}_points"] = 100 * (entry[a] - entry[b])
+                seeds_b = {r.get("train_seed"): r["mean_dice"] for r in by[b]}
+                entry[f"{a}_minus_{b}_points_per_seed"] = {
+                    str(r.get("train_seed")): 100 * (r["mean_dice"] - seeds_b[r.get("train_seed")])
+                    for r in by[a] if r.get("train_seed") in seeds_b}
         out[str(n)] = entry
     return out
 
@@ -356,7 +424,11 @@ def _describe(args: argparse.Namespace) -> str:
             f"(validation every {args.val_every or max(1, args.iterations // 2)}), "
             f"labeled batch {args.labeled_batch}, decoder batch {args.decoder_batch}, unlabeled batch "
             f"{args.unlabeled_batch}, {args.strong_views} cached strong views per slice, DFE width {args.dfe_width}, "
-            f"decoder consistency on {args.unsup_decoder_classes} class(es) per slice; seed {args.seed}.")
+            f"decoder consistency on {args.unsup_decoder_classes} class(es) per slice; phantom seed {args.seed}, "
+            f"training seed(s) {', '.join(map(str, getattr(args, 'train_seeds', None) or [args.seed]))}. "
+            "Mean Dice: Auto-segment as shipped, mean over test cases and classes, then over training seeds "
+            "(± standard deviation over seeds); 'boxes only': the same with box prompts alone; 'coarse head': the "
+            "coarse head's argmax alone. Per-class Dice and HD95 are the shipped pipeline's.")
 
 
 def _finite(value):  # noqa: ANN001, ANN202 - JSON has no NaN: write null

@@ -84,6 +84,12 @@ class TaskRuntime:
             carried box drifts (the myocardium fills in, the RV runs on past its end): on the
             benchmark's held-out phantoms one model scored mean Dice 0.77 propagating from the key
             slice and 0.90 with anchors (benchmarks/bench_task_model.py: 0.95).
+        prompt_points: **(ours)** False: automatic prompts are boxes alone (no positive or negative
+            points) and a 2D backbone carries boxes alone. LiteMedSAM's shipped decoder was trained
+            on boxes only and answers a point inside the left ventricle with an unrelated mask; a
+            decoder fine-tuned briefly on a few cases has not learned points well either (phantoms,
+            3 labeled cases, 200 steps: mean Dice 0.90 with points, 0.92 with boxes alone). The
+            user's own prompts keep their points.
     """
 
     backbone: "Backbone"
@@ -95,6 +101,7 @@ class TaskRuntime:
     volume_ranges_mm3: dict[int, tuple[float, float]]
     presence_fraction: float | None = 0.1
     anchors: bool | None = None
+    prompt_points: bool = True
 
     @classmethod
     def from_task_model(cls, model: TaskModel, *, device: str = "auto", backbone: "Backbone | None" = None,
@@ -116,6 +123,10 @@ class TaskRuntime:
         try:
             adapter.load_state_dicts({c: model.weights[c] for c in ("prompt_encoder", "mask_decoder")})
             head = CoarseHead.from_state_dict(model.weights["coarse_head"])
+            if "dfe" in model.weights:
+                from .semisup.dfe import DFE, DfeCoarseHead
+
+                head = DfeCoarseHead(head, DFE.from_state_dict(model.weights["dfe"], head.in_channels))
         except (KeyError, RuntimeError, ValueError) as err:
             raise TaskModelError(source, f"its weights do not fit the {net.name} backbone ({err})",
                                  "Retrain the task model with this version of SSS.") from None
@@ -274,6 +285,8 @@ class AutoSegmentSession:
             auto, results = pcsw_prompt_set(probs, **common)
             if rt.uses_anchors:
                 auto = with_anchors(auto, probs, rt.pcsw, common["in_plane_spacing"])
+            if not rt.prompt_points:
+                auto = boxes_only(auto)
             self._auto = (auto, results)
         auto, results = self._auto
         if edited is None:
@@ -302,7 +315,8 @@ class AutoSegmentSession:
         prompt_set, results = self.prompts(edited)
         t2 = time.perf_counter()
         if prompt_set.classes:
-            seg = self.engine.segment(prompt_set, progress=progress, should_cancel=should_cancel)
+            with _carried_points(self.runtime):
+                seg = self.engine.segment(prompt_set, progress=progress, should_cancel=should_cancel)
             labels, recomputed, reused = seg.labels, seg.recomputed, seg.reused
             labels = self._gate(labels, prompt_set)
         else:
@@ -318,6 +332,34 @@ class AutoSegmentSession:
                 log.info("class %d: PCSW %s (%s)", lbl, res.status, res.reason)
         return AutoSegmentResult(labels, prompt_set, results, user, absent, recomputed, reused, t3 - t0,
                                  {"coarse": t1 - t0, "pcsw": t2 - t1, "engine": t3 - t2})
+
+
+def boxes_only(prompts: PromptSet) -> PromptSet:
+    """``prompts`` with the points of every automatic prompt removed (boxes kept); a prompt that
+    is a point alone, and the user's prompts, are kept as they are."""
+    classes = []
+    for c in prompts.classes:
+        kept = [dataclasses.replace(p, positive_points=[], negative_points=[])
+                if p.source != "user" and p.box is not None else p for p in c.prompts]
+        classes.append(ClassPrompts(c.label, c.name, kept, c.color))
+    return PromptSet(prompts.slice_axis, classes)
+
+
+class _carried_points:
+    """While a run propagates: a 2D backbone carries boxes alone when the runtime uses no points."""
+
+    def __init__(self, runtime: TaskRuntime) -> None:
+        self.backbone = runtime.backbone
+        self.active = not runtime.prompt_points and hasattr(self.backbone, "carry_points")
+        self.before = getattr(self.backbone, "carry_points", None)
+
+    def __enter__(self) -> None:
+        if self.active:
+            self.backbone.carry_points = False  # type: ignore[attr-defined]
+
+    def __exit__(self, *exc: object) -> None:
+        if self.active:
+            self.backbone.carry_points = self.before  # type: ignore[attr-defined]
 
 
 def with_anchors(prompts: PromptSet, probabilities: dict[int, np.ndarray], config: PcswConfig,

@@ -210,3 +210,34 @@ def test_anchors_cover_the_component_pcsw_prompted():
         assert 7 <= nx <= 8 and 7 <= ny <= 8
         assert p.source == "auto" and p.confidence == pytest.approx(0.9)
     assert out.by_label()[2].prompts == []
+
+
+def test_boxes_only_runtime_drops_the_points_of_automatic_prompts_only(session, image):
+    from sss_lib.auto_segment import AutoSegmentSession, boxes_only
+
+    auto = session.run().prompts
+    assert any(p.positive_points for c in auto.classes for p in c.prompts), "PCSW gave no point to drop"
+    runtime = dataclasses.replace(session.runtime, prompt_points=False)
+    plain = AutoSegmentSession(image, runtime, store=session.engine.store).run()
+    for c, p_c in zip(auto.classes, plain.prompts.classes):
+        assert [p.box for p in p_c.prompts] == [p.box for p in c.prompts]
+        assert all(not p.positive_points and not p.negative_points for p in p_c.prompts)
+    # A user's prompt keeps its points.
+    first = auto.classes[0]
+    user = ClassPrompts(first.label, first.name, [dataclasses.replace(first.prompts[0], source="user")], first.color)
+    kept = boxes_only(PromptSet(auto.slice_axis, [user, *auto.classes[1:]]))
+    assert kept.classes[0].prompts[0].positive_points == first.prompts[0].positive_points
+    assert all(not p.positive_points for c in kept.classes[1:] for p in c.prompts)
+
+
+def test_a_boxes_only_run_carries_boxes_alone_and_restores_the_backbone():
+    from types import SimpleNamespace
+
+    from sss_lib.auto_segment import _carried_points
+
+    net = SimpleNamespace(carry_points=True)
+    with _carried_points(SimpleNamespace(backbone=net, prompt_points=False)):
+        assert net.carry_points is False
+    assert net.carry_points is True
+    with _carried_points(SimpleNamespace(backbone=net, prompt_points=True)):
+        assert net.carry_points is True

@@ -127,3 +127,48 @@ def test_mismatched_inputs_are_refused_with_a_clear_message() -> None:
         dfe(_features([(32, 8), (64, 4)]), _features([(32, 8), (64, 8)]))
     with pytest.raises(ValueError, match=r"expected \(B, 64"):
         dfe(_features([(32, 8), (32, 4)]), _features([(32, 8), (32, 4)]))
+
+
+def test_self_enhance_is_the_forward_pass_with_identical_views() -> None:
+    torch.manual_seed(1)
+    dfe = DFE([32, 64, 256], width=64, shared=False)
+    feats = _features(SAM2_LEVELS, seed=4)
+    direct = dfe.self_enhance(feats)
+    via_forward = dfe(feats, [f.clone() for f in feats]).features
+    for a, b, f in zip(direct, via_forward, feats):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert (a - f).abs().max() > 1e-3  # the enhancement is not a no-op
+
+
+def test_from_state_dict_rebuilds_width_sharing_and_gain_strictly() -> None:
+    torch.manual_seed(2)
+    for shared, gain in ((True, False), (False, True)):
+        dfe = DFE([32, 64, 256], width=64, shared=shared, zero_init_gain=gain)
+        if gain:
+            with torch.no_grad():
+                dfe.gain.fill_(0.5)
+        state = {k: v.numpy() for k, v in dfe.state_dict().items()}
+        back = DFE.from_state_dict(state, [32, 64, 256])
+        assert (back.width, back.shared, back.gain is not None) == (64, shared, gain)
+        feats = _features(SAM2_LEVELS, seed=5)
+        for a, b in zip(dfe.self_enhance(feats), back.self_enhance(feats)):
+            torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="not a DFE"):
+        DFE.from_state_dict({"lateral.0.weight": torch.zeros(1)}, [256])
+    with pytest.raises(RuntimeError):  # weights for other channels do not load
+        DFE.from_state_dict(DFE([128], width=64).state_dict(), [256])
+
+
+def test_coarse_head_reads_features_through_the_dfe() -> None:
+    from sss_lib.coarse_head import CoarseHead
+    from sss_lib.semisup import DfeCoarseHead
+
+    torch.manual_seed(3)
+    head, dfe = CoarseHead([32, 64, 256], 3, width=16), DFE([32, 64, 256], width=32)
+    wrapped = DfeCoarseHead(head, dfe)
+    feats = _features(SAM2_LEVELS, seed=6)
+    assert wrapped.num_classes == 3 and wrapped.in_channels == (32, 64, 256)
+    torch.testing.assert_close(wrapped(feats), head(dfe.self_enhance(feats)))
+    assert (wrapped(feats) - head(feats)).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="channels"):
+        DfeCoarseHead(head, DFE([256], width=32))

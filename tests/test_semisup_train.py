@@ -113,6 +113,14 @@ def test_ssl_steps_are_finite_and_the_unsupervised_loss_starts_after_warmup(data
 
     model = load_task_model(outcome.model_path, expected_backbone_sha256="random-init")
     assert set(model.weights) == {"coarse_head", "dfe", "prompt_encoder", "mask_decoder"}
+    # Inference reads the coarse head's features through the trained DFE, as training did.
+    from sss_lib.auto_segment import TaskRuntime
+    from sss_lib.semisup import DfeCoarseHead
+
+    runtime = TaskRuntime.from_task_model(model, backbone=backbone)
+    assert isinstance(runtime.head, DfeCoarseHead)
+    for name, value in runtime.head.dfe.state_dict().items():
+        np.testing.assert_array_equal(value.cpu().numpy(), model.weights["dfe"][name])
     assert model.training.n_unlabeled == 2 and "semi-supervised (DFE on, PCSW on)" in model.training.notes
     assert (tmp_path / "run" / "curves.png").stat().st_size > 0
     assert (tmp_path / "run" / "config.json").is_file()
@@ -253,3 +261,30 @@ def test_config_round_trips_through_the_run_folder_json(tmp_path):
     assert back.total_steps == 77 and back.warmup == 9 and back.rampup == round(0.2 * 77) and back.floor == 0.2
     with pytest.raises(InputError, match="confidence"):
         SemiSupConfig(train=train_cfg, run_dir=tmp_path, confidence=1.5)
+
+
+def test_consistency_dice_leaves_classes_the_slice_does_not_show_alone():
+    from sss_lib.semisup import masked_consistency_loss, masked_cross_entropy
+    from sss_lib.trainer.semisup_step import consistency_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 3, 6, 6, generator=g)
+    trusted = torch.ones(1, 6, 6, dtype=torch.bool)
+    trusted[0, 0, 0] = False
+    both = torch.zeros(1, 6, 6, dtype=torch.long)
+    both[0, :3] = 1
+    both[0, 4:, 4:] = 2
+    # Every class shown: the same as the library's masked loss.
+    assert consistency_loss(logits, both, trusted) == pytest.approx(float(masked_consistency_loss(logits, both, trusted)))
+    # Class 2 absent from the pseudo-label: its Dice is left out, class 1's stays.
+    one = torch.where(both == 2, 0, both)
+    ce = float(masked_cross_entropy(logits, one, trusted))
+    value = float(consistency_loss(logits, one, trusted))
+    assert ce < value < float(masked_consistency_loss(logits, one, trusted))
+    # Nothing but background: cross-entropy only, and no gradient pushes on what is not trusted.
+    none = torch.zeros(1, 6, 6, dtype=torch.long)
+    leaf = logits.clone().requires_grad_(True)
+    loss = consistency_loss(leaf, none, trusted)
+    assert loss.item() == pytest.approx(float(masked_cross_entropy(logits, none, trusted)))
+    loss.backward()
+    assert leaf.grad is not None and leaf.grad[0, :, 0, 0].abs().sum() == 0

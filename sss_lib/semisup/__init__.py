@@ -10,7 +10,7 @@ Imports torch; import this package only where training happens.
 """
 
 from .cutmix import CutMixResult, apply_cutmix, cutmix, cutmix_boxes
-from .dfe import DFE, DfeOutput, DfeTerms, PixelMLP
+from .dfe import DFE, DfeCoarseHead, DfeOutput, DfeTerms, PixelMLP
 from .ema import EmaTeacher
 from .losses import (
     masked_consistency_loss,
@@ -26,6 +26,7 @@ from ._random import as_generator
 
 __all__ = [
     "DFE",
+    "DfeCoarseHead",
     "CutMixResult",
     "DfeOutput",
     "DfeTerms",

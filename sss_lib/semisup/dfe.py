@@ -25,8 +25,9 @@ a smaller ``width`` (e.g. 64) for SAM-2 on modest GPUs.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -141,6 +142,41 @@ class DFE(nn.Module):
             terms.append(t)
         return DfeOutput(enhanced, features, terms)
 
+    def self_enhance(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The features of one view enhanced with themselves: ``forward(f, f).features``.
+
+        With identical views ``s = 1``, so ``fused = MLP(A)`` and the discrepancy is zero; this
+        computes that directly (one pass). It is what the coarse head reads for a labeled slice, the
+        teacher's weak view and at inference, where a slice has only one view.
+        """
+        if len(features) != len(self.in_channels):
+            raise ValueError(f"DFE was built for {len(self.in_channels)} scale(s) but got {len(features)}")
+        out = []
+        for level, f in enumerate(features):
+            k = 0 if self.shared else level
+            e = self.proj_out[level](self.mlp[k](self.attend[k](self.proj_in[level](f))))
+            if self.gain is not None:
+                e = e * self.gain[level]
+            out.append(f + e)
+        return out
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, "torch.Tensor | np.ndarray"],
+                        in_channels: Sequence[int]) -> "DFE":
+        """A DFE for ``in_channels`` whose width, sharing and gain match ``state``, loaded strictly.
+
+        Raises:
+            ValueError: ``state`` is not the state dict of a DFE for these channels.
+        """
+        if "attend.0.weight" not in state:
+            raise ValueError("these weights are not a DFE's (no attend.0.weight)")
+        width = int(np.shape(state["attend.0.weight"])[0])
+        shared = "attend.1.weight" not in state
+        dfe = cls(in_channels, width, shared=shared, zero_init_gain="gain" in state)
+        tensors = {k: v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v)) for k, v in state.items()}
+        dfe.load_state_dict(tensors, strict=True)
+        return dfe
+
     def _scale(self, level: int, fa: torch.Tensor, fb: torch.Tensor) -> DfeTerms:
         k = 0 if self.shared else level
         batch = fa.shape[0]
@@ -166,3 +202,35 @@ class DFE(nn.Module):
             if fa.ndim != 4 or fa.shape[1] != self.in_channels[level]:
                 raise ValueError(f"DFE scale {level}: expected (B, {self.in_channels[level]}, H, W), "
                                  f"got {tuple(fa.shape)}")
+
+
+class DfeCoarseHead(nn.Module):
+    """A coarse head that reads its features through a DFE: ``head(dfe.self_enhance(features))``.
+
+    **(ours)** The student's coarse head sees DFE-enhanced features of the strong views during
+    semi-supervised training; reading the labeled slices, the teacher's weak views and the slices
+    at inference through the same DFE (each enhanced with itself, the only view there is) keeps the
+    head's input the same kind of feature everywhere. Without it the head would learn on enhanced
+    features that inference never produces. Same interface as :class:`sss_lib.coarse_head.CoarseHead`
+    (``num_classes``, ``in_channels``; features finest first -> logits ``(N, K + 1, h_0, w_0)``).
+    """
+
+    def __init__(self, head: nn.Module, dfe: DFE) -> None:
+        super().__init__()
+        if tuple(head.in_channels) != tuple(dfe.in_channels):
+            raise ValueError(f"the coarse head reads channels {tuple(head.in_channels)} but the DFE was built "
+                             f"for {tuple(dfe.in_channels)}")
+        self.head = head
+        self.dfe = dfe
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.head.num_classes)
+
+    @property
+    def in_channels(self) -> tuple[int, ...]:
+        return tuple(self.head.in_channels)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        dtype = next(self.dfe.parameters()).dtype
+        return self.head(self.dfe.self_enhance([f.to(dtype) for f in features]))

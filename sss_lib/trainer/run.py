@@ -85,6 +85,10 @@ def add_train_arguments(tr: argparse.ArgumentParser) -> None:
     tr.add_argument("--checkpoint-every", type=int, default=50, help="checkpoint every N steps (default: 50)")
     tr.add_argument("--strong-views", type=int, default=2,
                     help="strong views cached per unlabeled slice (default: 2; each costs one embedding)")
+    tr.add_argument("--strong-view-seed", type=int, default=None,
+                    help="seed of the cached strong views (default: --seed)")
+    tr.add_argument("--dfe-zero-init-gain", action="store_true",
+                    help="start DFE's enhancement at 0 through a learned gain (default: off, the formula as specified)")
     tr.add_argument("--cutmix-p", type=float, default=0.5, help="CutMix probability (default: 0.5)")
     tr.add_argument("--dfe-width", type=int, default=None, help="DFE common width (default: widest feature scale)")
     tr.add_argument("--unsup-head-weight", type=float, default=1.0,
@@ -119,7 +123,8 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201 - SemiSupConfig,
         rampup_iterations=args.rampup_iterations, lambda_u=args.lambda_u, confidence=args.confidence,
         untrusted_floor=args.untrusted_floor,
         ema_decay=args.ema_decay, unlabeled_batch=args.unlabeled_batch, strong_views=args.strong_views,
-        cutmix_p=args.cutmix_p, dfe_width=args.dfe_width, lr_dfe=args.lr_dfe,
+        strong_view_seed=args.strong_view_seed, cutmix_p=args.cutmix_p, dfe_width=args.dfe_width, dfe_zero_init_gain=args.dfe_zero_init_gain,
+        lr_dfe=args.lr_dfe,
         unsup_decoder_classes=args.unsup_decoder_classes, unsup_head_weight=args.unsup_head_weight,
         unsup_decoder_weight=args.unsup_decoder_weight,
     )

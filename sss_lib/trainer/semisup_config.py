@@ -73,8 +73,12 @@ class SemiSupConfig:
         strong_views: **(ours)** strong views cached per unlabeled slice (K >= 1). The image
             encoder is frozen, so each strong view is drawn once (seeded) and embedded once; every
             step picks two of the K. See :mod:`sss_lib.trainer.unlabeled`.
+        strong_view_seed: seed of the strong views (None: ``train.seed``). Runs that differ only
+            in their training seed can share one set of cached strong views this way.
         cutmix_p: probability of CutMix on the second strong view.
         dfe_width: DFE's common width D (None: the widest feature scale, as in the paper).
+        dfe_zero_init_gain: **(ours)** scale DFE's enhancement by a learned gain that starts at 0,
+            so that the head starts on the backbone's own features (see :class:`sss_lib.semisup.DFE`).
         lr_dfe: DFE's learning rate (None: ``train.lr_head``).
         unsup_head_weight / unsup_decoder_weight: weights of the coarse head's and the mask
             decoder's consistency terms inside the unsupervised loss.
@@ -103,8 +107,10 @@ class SemiSupConfig:
     ema_decay: float = 0.99
     unlabeled_batch: int = 4
     strong_views: int = 2
+    strong_view_seed: int | None = None
     cutmix_p: float = 0.5
     dfe_width: int | None = None
+    dfe_zero_init_gain: bool = False
     lr_dfe: float | None = None
     unsup_head_weight: float = 1.0
     unsup_decoder_weight: float = 1.0

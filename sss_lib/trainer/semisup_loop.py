@@ -40,7 +40,7 @@ from .adapters import adapter_for
 from .data import LabeledCase, embed_cases, load_case, split_cases
 from .distributed import DistContext
 from .semisup_config import SemiSupConfig
-from .semisup_step import SemiSupStepper, StepContext
+from .semisup_step import SemiSupStepper, StepContext, coarse_head_of
 from .unlabeled import UnlabeledCase, embed_strong_views, find_unlabeled, load_unlabeled
 
 if TYPE_CHECKING:
@@ -170,9 +170,15 @@ class _Run:
         dataset, labeled_cases = self._labeled_cases()
         train_ids, val_ids = split_cases(labeled_cases, cfg.train.val_cases, cfg.train.val_fraction)
         unlabeled_cases = self._unlabeled_case_list([c.image_path for c in labeled_cases])
-        store = self.store if self.store is not None else EmbeddingStore(max_volumes=len(labeled_cases) + len(unlabeled_cases) + 4)
-        loaded = self._load_all(labeled_cases, lambda c: load_case(c, net, prep.to_preprocessing(), cfg.train.slice_axis,
-                                                                   store, dataset.ignore_label))
+        store = self.store
+        if store is None:
+            store = EmbeddingStore(max_volumes=len(labeled_cases) + len(unlabeled_cases) + 4)
+        try:
+            loaded = self._load_all(labeled_cases, lambda c: load_case(c, net, prep.to_preprocessing(),
+                                                                       cfg.train.slice_axis, store, dataset.ignore_label))
+        except Cancelled:
+            self.reporter.stop(0, "stopped while reading the cases, before training started; nothing to save")
+            return self._outcome("stopped", 0, None, {}, t_start, [], [], [])
         classes = self._classes(dataset.class_names, loaded)
         by_id = {c.case_id: c for c in loaded}
         train = [by_id[c.case_id] for c in train_ids if c.case_id in by_id]
@@ -180,18 +186,18 @@ class _Run:
         if not train:
             raise InputError(cfg.train.labeled, "has no readable labeled case left for training",
                              "Fix the cases reported above, or add labeled cases.")
-        unlabeled = self._load_all(unlabeled_cases, lambda c: load_case_unlabeled(c, net, prep, cfg, store))
-        if cfg.semi_supervised and not unlabeled:
-            raise InputError(cfg.unlabeled, "has no readable unlabeled case", "Fix or remove the bad cases.")
-        self.timings["load"] = time.perf_counter() - t0
-        self.say(f"{len(train)} training, {len(val)} validation, {len(unlabeled)} unlabeled case(s); "
-                 f"classes {classes}; backbone {net.name} on {adapter.device}")
-
-        t0 = time.perf_counter()
+        unlabeled: list[UnlabeledCase] = []
         try:
+            unlabeled = self._load_all(unlabeled_cases, lambda c: load_case_unlabeled(c, net, prep, cfg, store))
+            if cfg.semi_supervised and not unlabeled:
+                raise InputError(cfg.unlabeled, "has no readable unlabeled case", "Fix or remove the bad cases.")
+            self.timings["load"] = time.perf_counter() - t0
+            self.say(f"{len(train)} training, {len(val)} validation, {len(unlabeled)} unlabeled case(s); "
+                     f"classes {classes}; backbone {net.name} on {adapter.device}")
+            t0 = time.perf_counter()
             self._embed(train + val, unlabeled, net)
         except Cancelled:
-            self.reporter.stop(0, "stopped while embedding, before training started; nothing to save")
+            self.reporter.stop(0, "stopped while reading or embedding, before training started; nothing to save")
             return self._outcome("stopped", 0, None, {}, t_start, train, val, unlabeled)
         self.timings["embed"] = time.perf_counter() - t0
 
@@ -203,15 +209,19 @@ class _Run:
             "coarse_head": build_coarse_head(feats, len(labels), width=cfg.train.head_width, seed=cfg.train.seed),
         }
         if cfg.semi_supervised and cfg.use_dfe:
-            modules["dfe"] = _build_dfe([int(f.shape[1]) for f in feats], cfg.dfe_width, cfg.train.seed)
+            modules["dfe"] = _build_dfe([int(f.shape[1]) for f in feats], cfg.dfe_width, cfg.train.seed,
+                                        cfg.dfe_zero_init_gain)
         modules.update(adapter.modules())
         student = nn.ModuleDict(modules).to(adapter.device)
-        carry = cfg.train.carry_fraction if cfg.train.carry_fraction is not None else (0.5 if adapter.carries_boxes else 0.0)
+        carry = cfg.train.carry_fraction
+        if carry is None:
+            carry = 0.5 if adapter.carries_boxes else 0.0
         points = cfg.train.carry_points if cfg.train.carry_points is not None else adapter.carries_points
         for name, value in (("--labeled-batch", cfg.train.head_batch), ("--decoder-batch", cfg.train.decoder_batch),
                             ("--unlabeled-batch", cfg.unlabeled_batch)):
             self.dist.check_divisible(name, value)
-        if cfg.semi_supervised and self.dist.distributed and cfg.cutmix_p > 0 and (cfg.unlabeled_batch // self.dist.world) % 2:
+        odd_share = (cfg.unlabeled_batch // self.dist.world) % 2
+        if cfg.semi_supervised and self.dist.distributed and cfg.cutmix_p > 0 and odd_share:
             self._warn(f"each process gets an odd share of --unlabeled-batch {cfg.unlabeled_batch}: CutMix partners "
                        f"that fall on another process are skipped, so the run differs from one process; use a "
                        f"multiple of {2 * self.dist.world}")
@@ -221,7 +231,7 @@ class _Run:
 
         from .loop import _Validator
 
-        validator = _Validator(val, adapter, student["coarse_head"], task_classes, prep, cfg.train, ranges, store)
+        validator = _Validator(val, adapter, coarse_head_of(student), task_classes, prep, cfg.train, ranges, store)
         names = {lbl: name for lbl, name in classes.items()}
         start = 0
         if resume:
@@ -234,8 +244,8 @@ class _Run:
             if self.dist.any(self.stop.requested, "cpu"):
                 step -= 1
                 self._save(stepper, step)
-                self.reporter.stop(step, f"stopped after step {step} ({self.stop.reason or 'requested by another process'}); "
-                                         "resume to continue")
+                why = self.stop.reason or "requested by another process"
+                self.reporter.stop(step, f"stopped after step {step} ({why}); resume to continue")
                 model = self._write_model(net, stepper, task_classes, prep, ranges, train, val, unlabeled, step)
                 return self._outcome("stopped", step, model, last, t_start, train, val, unlabeled)
             t0 = time.perf_counter()
@@ -345,7 +355,8 @@ class _Run:
                 tick(f"{u.case_id} slice {s + 1}")
         if unlabeled:
             strong = StrongAugment(**dataclasses.asdict(cfg.strong))
-            embed_strong_views(unlabeled, net, cfg.strong_views, strong, cfg.train.seed,
+            seed = cfg.train.seed if cfg.strong_view_seed is None else cfg.strong_view_seed
+            embed_strong_views(unlabeled, net, cfg.strong_views, strong, seed,
                                lambda d, t, m: tick(m), cancel, cache=self.strong_cache)
 
     # -- checkpoints, validation, model --------------------------------------------------------------
@@ -485,12 +496,12 @@ def _build_backbone(cfg: SemiSupConfig) -> Backbone:
     return build_backbone(t.backbone, device=t.device, image_size=t.image_size, checkpoint=t.checkpoint)
 
 
-def _build_dfe(channels: list[int], width: int | None, seed: int) -> nn.Module:
+def _build_dfe(channels: list[int], width: int | None, seed: int, zero_init_gain: bool = False) -> nn.Module:
     from ..semisup import DFE
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed) + 17)
-        return DFE(channels, width)
+        return DFE(channels, width, zero_init_gain=zero_init_gain)
 
 
 def _read_val(history: Path) -> list[Any]:

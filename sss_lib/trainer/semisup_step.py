@@ -11,8 +11,8 @@ Unsupervised part (after the warm-up, weighted by the ramped lambda_u), per unla
    decoder -> per-class logits -> pseudo-label and confidence (highest class probability, with a
    0 background logit, ``>= confidence``); pixels the teacher's prompts cannot vouch for are not
    trusted.
-2. **Student** on two cached strong views (:mod:`.unlabeled`), each enhanced by DFE with the weak
-   view's features (``--no-dfe``: used as they are):
+2. **Student** on two cached strong views (:mod:`.unlabeled`); the coarse head reads each one
+   enhanced by DFE with the weak view's features (``--no-dfe``: as they are):
 
    * view 1 -> coarse head and, with the teacher's prompts, mask decoder; both against the
      pseudo-label on trusted pixels (cross-entropy + Dice);
@@ -20,6 +20,12 @@ Unsupervised part (after the warm-up, weighted by the ramped lambda_u), per unla
      on the feature grid, the pseudo-labels and trust on the slice grid with the same box)
      -> coarse head, against the mixed pseudo-label.
 
+   **(ours)** Where a slice has one view (labeled slices, the teacher's weak view, validation and
+   inference) the coarse head reads it through the same DFE enhanced with itself
+   (:class:`sss_lib.semisup.DfeCoarseHead`), so that the head never learns on a kind of feature
+   that inference does not give it; the DFE ships in the task model for that reason.
+   **(ours)** The mask decoder decodes the strong view's own features: at inference (SAM-2
+   propagation) it reads the backbone's features, never DFE's.
    **(ours)** CutMix goes to the prompt-free coarse head only: content pasted into a slice is not
    described by that slice's prompts, so a prompted decoder cannot be asked to segment it.
    **(ours)** CutMix runs on cached embeddings (features of both partners mixed inside a box on
@@ -42,7 +48,7 @@ import torch
 from torch import nn
 
 from ..backbones.base import ABSENT_LOGIT
-from ..semisup import EmaTeacher, masked_consistency_loss, object_probabilities, confidence_mask
+from ..semisup import EmaTeacher, confidence_mask, masked_cross_entropy, object_probabilities
 from ..semisup import unsupervised_weight, with_background_logit
 from .adapters import DecoderAdapter
 from .data import LabeledCase
@@ -128,7 +134,8 @@ class SemiSupStepper:
         self.adapter = ctx.adapter
         self.student = student
         self.rng = np.random.default_rng(np.random.SeedSequence([int(cfg.train.seed), 0x7EA1]))
-        self.gen = torch.Generator().manual_seed(int(np.random.SeedSequence([int(cfg.train.seed), 0xC07]).generate_state(1)[0]))
+        augment_seed = np.random.SeedSequence([int(cfg.train.seed), 0xC07]).generate_state(1)[0]
+        self.gen = torch.Generator().manual_seed(int(augment_seed))
         top = max(max(ctx.labels), max(int(c.labels.max(initial=0)) for c in ctx.labeled))
         self.lut = np.zeros(top + 2, np.int64)
         for channel, lbl in enumerate(ctx.labels, start=1):
@@ -211,7 +218,7 @@ class SemiSupStepper:
             embs.append((case, case.session.embedding(s)))
             targets.append(self.lut[case.labels[s].astype(np.int64)])
         levels = zip(*(self.adapter.coarse_features(e) for _, e in embs))
-        logits = self.student["coarse_head"]([torch.cat(level) for level in levels]).float()
+        logits = coarse_head_of(self.student)([torch.cat(level) for level in levels]).float()
         loss = logits.new_zeros(())
         for n_, ((case, emb), target) in enumerate(zip(embs, targets)):
             grid = self.adapter.to_slice_grid(logits[n_:n_ + 1], emb, tuple(case.labels.shape[1:]))
@@ -275,7 +282,8 @@ class SemiSupStepper:
             if targets[pj].pseudo.shape != targets[j].pseudo.shape or \
                     [f.shape for f in f_s2[pj]] != [f.shape for f in f_s2[j]]:
                 continue
-            to_grid = lambda m, e=weak[j], hw=tuple(targets[j].pseudo.shape): self.adapter.to_slice_grid(m, e, hw)  # noqa: E731
+            hw = tuple(targets[j].pseudo.shape)
+            to_grid = lambda m, e=weak[j], hw=hw: self.adapter.to_slice_grid(m, e, hw)  # noqa: E731
             view = cutmix_features(f_weak[j], f_s2[j], targets[j].pseudo, targets[j].trusted,
                                    f_weak[pj], f_s2[pj], targets[pj].pseudo, targets[pj].trusted, box_draws[i], to_grid)
             f_w2[j], f_s2[j], pseudo2[j], trusted2[j] = view.weak, view.strong, view.pseudo, view.trusted
@@ -285,7 +293,7 @@ class SemiSupStepper:
         enhanced2 = self._enhance(f_w2, f_s2)
         head1 = self._head_consistency(enhanced1, weak, [t.pseudo for t in targets], [t.trusted for t in targets])
         head2 = self._head_consistency(enhanced2, weak, pseudo2, trusted2)
-        dec = self._decoder_consistency(enhanced1, strong1, targets, [class_order[i] for i in local])
+        dec = self._decoder_consistency(strong1, targets, [class_order[i] for i in local])
         per_sample = cfg.unsup_head_weight * (head1 + head2) / 2 + cfg.unsup_decoder_weight * dec
         loss = per_sample.mean()
         ratio = float(np.mean([t.trusted.float().mean().item() for t in targets]))
@@ -310,10 +318,10 @@ class SemiSupStepper:
         out = []
         for n, emb in enumerate(embs):
             grid = self.adapter.to_slice_grid(logits[n:n + 1], emb, tuple(pseudo[n].shape))
-            out.append(masked_consistency_loss(grid, pseudo[n][None], trusted[n][None]))
+            out.append(consistency_loss(grid, pseudo[n][None], trusted[n][None]))
         return torch.stack(out)
 
-    def _decoder_consistency(self, feats: list[torch.Tensor], embs: list[Any], targets: list[Targets],
+    def _decoder_consistency(self, embs: list[Any], targets: list[Targets],
                              orders: list[torch.Tensor]) -> torch.Tensor:
         cap = self.cfg.unsup_decoder_classes
         out = []
@@ -321,16 +329,15 @@ class SemiSupStepper:
             prompted = [self.ctx.labels[int(c)] for c in orders[n] if self.ctx.labels[int(c)] in t.plan.prompts]
             chosen = prompted if cap is None else prompted[:cap]
             if not chosen or not self.cfg.train.train_decoder:
-                out.append(feats[0].new_zeros(()).float())
+                out.append(torch.zeros((), device=self.device))
                 continue
-            enhanced = with_features(emb, [f[n:n + 1] for f in feats])
             terms = []
             for label in chosen:
                 p = t.plan.prompts[label]
-                logits = self.adapter.decode(enhanced, tuple(t.pseudo.shape), p.box, p.positive, p.negative).logits
+                logits = self.adapter.decode(emb, tuple(t.pseudo.shape), p.box, p.positive, p.negative).logits
                 binary = with_background_logit(logits.float()[None, None])
                 channel = self.ctx.labels.index(label) + 1
-                terms.append(masked_consistency_loss(binary, (t.pseudo == channel).long()[None], t.trusted[None]))
+                terms.append(consistency_loss(binary, (t.pseudo == channel).long()[None], t.trusted[None]))
             out.append(torch.stack(terms).mean())
         return torch.stack(out)
 
@@ -348,7 +355,7 @@ class SemiSupStepper:
         plans: dict[tuple[int, int], SlicePlan] = {}
         for c, slices in by_case.items():
             case = self.ctx.unlabeled[c]
-            probs = stack_probabilities(teacher["coarse_head"], self.adapter, case.session.embedding,
+            probs = stack_probabilities(coarse_head_of(teacher), self.adapter, case.session.embedding,
                                         case.session.stack_shape, self.ctx.labels)
             if cfg.use_pcsw:
                 found = pcsw_slice_plans(probs, slices, in_plane_spacing=case.spacing_xy,
@@ -372,6 +379,44 @@ class SemiSupStepper:
                 pseudo, trusted = teacher_targets(logits, plan.untrusted, cfg.confidence)
                 out.append(Targets(pseudo, trusted, plan))
         return out
+
+
+def coarse_head_of(modules: nn.ModuleDict) -> nn.Module:
+    """The coarse head as inference runs it: through the DFE (each view enhanced with itself)
+    when the model has one (:class:`sss_lib.semisup.DfeCoarseHead`)."""
+    if "dfe" not in modules:
+        return modules["coarse_head"]
+    from ..semisup import DfeCoarseHead
+
+    return DfeCoarseHead(modules["coarse_head"], modules["dfe"])
+
+
+def consistency_loss(logits: torch.Tensor, pseudo: torch.Tensor, trusted: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy + Dice of one sample's logits ``(1, C, H, W)`` against its pseudo-label
+    ``(1, H, W)`` on the trusted pixels ``(1, H, W)``.
+
+    The cross-entropy is :func:`sss_lib.semisup.masked_cross_entropy` (summed over trusted pixels,
+    divided by all pixels). **(ours)** The Dice term covers only the foreground classes that the
+    trusted pseudo-label holds: the loss is computed per slice (so that data-parallel shares add
+    up to the whole batch), and a per-slice Dice of a class the slice does not show would push
+    that class's probability to zero on every trusted pixel, also next to a structure whose own
+    pixels the teacher could not vouch for. Measured on the phantom benchmark (3 labeled cases,
+    20 test cases, one seed): consistency without DFE 0.787 -> 0.841 mean test Dice, full SSS
+    0.823 -> 0.827, against 0.818 supervised only.
+    """
+    ce = masked_cross_entropy(logits, pseudo, trusted)
+    keep = trusted.unsqueeze(1).float()
+    prob = torch.softmax(torch.where(trusted.unsqueeze(1), logits.float(), torch.zeros((), device=logits.device)),
+                         dim=1) * keep
+    target = torch.nn.functional.one_hot(torch.where(trusted, pseudo, 0).long(), logits.shape[1]).permute(0, 3, 1, 2)
+    target = target.float() * keep
+    present = target.sum(dim=(0, 2, 3))[1:] > 0
+    if not bool(present.any()):
+        return ce
+    inter = (prob * target).sum(dim=(0, 2, 3))[1:]
+    denom = (prob.sum(dim=(0, 2, 3)) + target.sum(dim=(0, 2, 3)))[1:]
+    dice = 1.0 - (2.0 * inter + 1.0) / (denom + 1.0)
+    return ce + dice[present].mean()
 
 
 def training_autocast(device: torch.device) -> Any:
@@ -452,14 +497,6 @@ def feature_boxes(shapes: Sequence[Sequence[int]], draws: torch.Tensor) -> list[
         m[..., y0 * fy:(y0 + bh) * fy, x0 * fx:(x0 + bw) * fx] = True
         out.append(m)
     return out
-
-
-def with_features(embedding: Any, features: list[torch.Tensor]) -> Any:
-    """A copy of a backbone embedding whose feature maps are ``features`` (one per level)."""
-    current = embedding.features
-    if isinstance(current, (tuple, list)):
-        return dataclasses.replace(embedding, features=tuple(features))
-    return dataclasses.replace(embedding, features=features[0])
 
 
 class swapped_modules:
