@@ -471,6 +471,7 @@ def auto_segment(
     device: str = "auto",
     frame: int | None = None,
     backbone: "Backbone | None" = None,
+    prompt_points: bool = True,
     progress: Progress | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> AutoSegmentResult:
@@ -485,6 +486,7 @@ def auto_segment(
         device: "auto", "cpu", "cuda", "cuda:N" or "mps".
         frame: frame of a 4D image.
         backbone: a built backbone to use (its decoder weights are replaced by the model's).
+        prompt_points: False: automatic prompts are boxes alone (:attr:`TaskRuntime.prompt_points`).
         progress / should_cancel: see :meth:`AutoSegmentSession.run`.
 
     Raises:
@@ -499,6 +501,7 @@ def auto_segment(
     source = "" if isinstance(model, TaskModel) else str(model)
     task = model if isinstance(model, TaskModel) else load_task_model(model)
     runtime = TaskRuntime.from_task_model(task, device=device, backbone=backbone, source=source)
+    runtime = dataclasses.replace(runtime, prompt_points=prompt_points)
     session = AutoSegmentSession(volume, runtime)
     edited = None
     if prompts_in is not None:

@@ -101,7 +101,8 @@ def _cmd_auto_segment(args: argparse.Namespace) -> int:
     update, close = _engine_progress_bar()
     try:
         result = auto_segment(args.image, args.model, args.output, args.prompts_out, prompts_in=args.prompts,
-                              device=args.device, frame=args.frame, progress=update)
+                              device=args.device, frame=args.frame, prompt_points=not args.boxes_only,
+                              progress=update)
     finally:
         close()
     present = result.prompts.by_label()
@@ -191,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--prompts", default=None, help="edited prompts JSON from an earlier run")
     au.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     au.add_argument("--frame", type=int, default=None, help="frame of a 4D image to segment")
+    au.add_argument("--boxes-only", action="store_true",
+                    help="automatic prompts without points (boxes alone): better for LiteMedSAM task models "
+                         "trained briefly on few cases, whose decoder has not learned points")
     au.set_defaults(func=_cmd_auto_segment)
 
     ev = sub.add_parser("evaluate", help="score predicted label maps against ground truth",

@@ -241,3 +241,12 @@ def test_a_boxes_only_run_carries_boxes_alone_and_restores_the_backbone():
     assert net.carry_points is True
     with _carried_points(SimpleNamespace(backbone=net, prompt_points=True)):
         assert net.carry_points is True
+
+
+def test_cli_boxes_only_writes_prompts_without_points(model_path, dataset, tmp_path):
+    image_path = dataset / "imagesTr" / "case_000_0000.nii.gz"
+    prompts = tmp_path / "p.json"
+    assert main(["auto-segment", str(image_path), "--model", str(model_path), "-o", str(tmp_path / "seg.nrrd"),
+                 "--prompts-out", str(prompts), "--device", "cpu", "--boxes-only"]) == 0
+    written = [p for c in json.loads(prompts.read_text())["classes"] for p in c["prompts"]]
+    assert written and all(p["box"] and not p["positive_points"] and not p["negative_points"] for p in written)
