@@ -130,7 +130,7 @@ def test_ablations(data, backbone, tmp_path, monkeypatch):
     lab, unl = data
     _truth_probabilities(monkeypatch, unl)
     no_dfe, steps = train(tmp_path / "nodfe", lab, unl, backbone, iterations=5, use_dfe=False, use_pcsw=False,
-                          confidence=0.0)
+                          confidence=0.0, teacher_points=False)
     assert no_dfe.last["unsup"] > 0 and no_dfe.last["unsup_decoder"] > 0
     from sss_lib.task_model import load_task_model
 
@@ -288,3 +288,18 @@ def test_consistency_dice_leaves_classes_the_slice_does_not_show_alone():
     assert loss.item() == pytest.approx(float(masked_cross_entropy(logits, none, trusted)))
     loss.backward()
     assert leaf.grad is not None and leaf.grad[0, :, 0, 0].abs().sum() == 0
+
+
+def test_teacher_prompts_keep_points_only_where_the_decoder_learned_them():
+    from sss_lib.trainer.adapters import LiteMedSamAdapter, Sam2Adapter
+    from sss_lib.trainer.semisup_step import boxes_only_plan
+    from sss_lib.trainer.slice_prompts import ClassPrompt, SlicePlan
+
+    assert Sam2Adapter.knows_points and not LiteMedSamAdapter.knows_points
+    untrusted = np.zeros((4, 4), bool)
+    plan = SlicePlan({1: ClassPrompt((0.0, 0.0, 3.0, 3.0), [(1.0, 1.0)], [(2.0, 2.0)]),
+                      2: ClassPrompt((1.0, 1.0, 2.0, 2.0), [(1.5, 1.5)], [])}, untrusted)
+    boxes = boxes_only_plan(plan)
+    assert {k: p.box for k, p in boxes.prompts.items()} == {k: p.box for k, p in plan.prompts.items()}
+    assert all(not p.positive and not p.negative for p in boxes.prompts.values())
+    assert boxes.untrusted is untrusted and plan.prompts[1].positive == [(1.0, 1.0)]  # the original is unchanged

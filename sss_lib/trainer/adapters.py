@@ -57,6 +57,9 @@ class DecoderAdapter:
 
     #: the backbone propagates by decoding a box carried from the previous slice's mask (2D models).
     carries_boxes: bool = False
+    #: the backbone's shipped decoder was trained with point prompts (SAM-2); LiteMedSAM's was
+    #: trained on boxes alone and answers a point with an unrelated mask.
+    knows_points: bool = True
 
     def __init__(self, backbone: Backbone) -> None:
         self.backbone = backbone
@@ -139,6 +142,7 @@ class LiteMedSamAdapter(DecoderAdapter):
     """LiteMedSAM: one 256x64x64 embedding; slices are scaled to 256 on the long side and padded."""
 
     carries_boxes = True
+    knows_points = False
 
     def prepare_for_task(self) -> Callable[[], None]:
         """Carry points as well as boxes, and stop on an empty mask only.

@@ -76,6 +76,12 @@ class SemiSupConfig:
         strong_view_seed: seed of the strong views (None: ``train.seed``). Runs that differ only
             in their training seed can share one set of cached strong views this way.
         cutmix_p: probability of CutMix on the second strong view.
+        teacher_points: **(ours)** the teacher's prompts (and so the student's decoder
+            consistency) carry PCSW's points; None: where the backbone's shipped decoder was trained
+            with points (SAM-2), not for LiteMedSAM, whose decoder was trained on boxes alone. Measured
+            with a LiteMedSAM model trained on 3 labeled phantoms (9 unlabeled cases, confidence 0.95):
+            the share of each structure's pixels that the pseudo-label covers at >= 99.3% precision is
+            RV 0.63 / Myo 0.25 / LV 0.39 with points and 0.84 / 0.37 / 0.80 with boxes alone.
         dfe_width: DFE's common width D (None: the widest feature scale, as in the paper).
         dfe_zero_init_gain: **(ours)** scale DFE's enhancement by a learned gain that starts at 0,
             so that the head starts on the backbone's own features (see :class:`sss_lib.semisup.DFE`).
@@ -109,6 +115,7 @@ class SemiSupConfig:
     strong_views: int = 2
     strong_view_seed: int | None = None
     cutmix_p: float = 0.5
+    teacher_points: bool | None = None
     dfe_width: int | None = None
     dfe_zero_init_gain: bool = False
     lr_dfe: float | None = None

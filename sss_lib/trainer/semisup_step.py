@@ -160,6 +160,7 @@ class SemiSupStepper:
         self.base_lrs = [g["lr"] for g in groups]
         self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
         self.teacher = EmaTeacher(student, cfg.ema_decay) if cfg.semi_supervised else None
+        self.teacher_points = cfg.teacher_points if cfg.teacher_points is not None else self.adapter.knows_points
 
     # -- state -------------------------------------------------------------------------------------
     @property
@@ -364,6 +365,8 @@ class SemiSupStepper:
             else:
                 found = box_slice_plans(probs, slices, config=cfg.train.pcsw, untrusted_floor=cfg.floor)
             plans.update({(c, s): plan for s, plan in found.items()})
+        if not self.teacher_points:
+            plans = {key: boxes_only_plan(plan) for key, plan in plans.items()}
 
         out = []
         with swapped_modules(self.adapter, {k: teacher[k] for k in self.adapter.modules()}):
@@ -379,6 +382,12 @@ class SemiSupStepper:
                 pseudo, trusted = teacher_targets(logits, plan.untrusted, cfg.confidence)
                 out.append(Targets(pseudo, trusted, plan))
         return out
+
+
+def boxes_only_plan(plan: SlicePlan) -> SlicePlan:
+    """``plan`` with every prompt reduced to its box (see ``SemiSupConfig.teacher_points``)."""
+    prompts = {label: dataclasses.replace(p, positive=[], negative=[]) for label, p in plan.prompts.items()}
+    return dataclasses.replace(plan, prompts=prompts)
 
 
 def coarse_head_of(modules: nn.ModuleDict) -> nn.Module:
