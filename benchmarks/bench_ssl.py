@@ -110,7 +110,8 @@ def precompute(pool: Path, test: Path, args: argparse.Namespace, backbone, store
 
 def evaluate(model_path: Path, test: Path, backbone, store) -> dict:  # noqa: ANN001
     """Auto-segment every test case with the task model and score it. Besides the pipeline as it
-    ships (``dice``), each case is also scored with box-only prompts (``dice_boxes``, see
+    ships (``dice``; for LiteMedSAM its automatic prompts are boxes alone), each case is also scored
+    with PCSW's points in the prompts (``dice_points``, see
     :attr:`sss_lib.auto_segment.TaskRuntime.prompt_points`) and by the coarse head alone (the
     argmax of its probabilities, ``dice_coarse``), which shows what training did to each stage."""
     import dataclasses as dc
@@ -122,7 +123,7 @@ def evaluate(model_path: Path, test: Path, backbone, store) -> dict:  # noqa: AN
     from sss_lib.volume_io import read_label, read_volume
 
     runtime = TaskRuntime.from_task_model(load_task_model(model_path), backbone=backbone)
-    boxes = dc.replace(runtime, prompt_points=False)
+    points = dc.replace(runtime, prompt_points=True)
     rows = []
     for case in open_dataset(test).cases:
         image, truth = read_volume(case.image_path), read_label(case.label_path)
@@ -133,13 +134,13 @@ def evaluate(model_path: Path, test: Path, backbone, store) -> dict:  # noqa: AN
         probs = session.probabilities()
         background = 1.0 - sum(probs[k] for k in CLASS_NAMES)
         coarse = np.stack([background, *[probs[k] for k in CLASS_NAMES]]).argmax(0)
-        by_box = AutoSegmentSession(image, boxes, store=store).run().labels.voxels
+        with_points = AutoSegmentSession(image, points, store=store).run().labels.voxels
         gt = truth.voxels
         rows.append({
             "case": case.case_id, "seconds": seconds,
             "dice": {CLASS_NAMES[k]: dice(pred == k, gt == k) for k in CLASS_NAMES},
             "hd95": {CLASS_NAMES[k]: hd95(pred == k, gt == k, truth.spacing[::-1]) for k in CLASS_NAMES},
-            "dice_boxes": {CLASS_NAMES[k]: dice(by_box == k, gt == k) for k in CLASS_NAMES},
+            "dice_points": {CLASS_NAMES[k]: dice(with_points == k, gt == k) for k in CLASS_NAMES},
             "dice_coarse": {CLASS_NAMES[k]: dice(coarse == n, gt == k) for n, k in enumerate(CLASS_NAMES, start=1)},
         })
     dice_all = [v for r in rows for v in r["dice"].values()]
@@ -149,7 +150,7 @@ def evaluate(model_path: Path, test: Path, backbone, store) -> dict:  # noqa: AN
         "cases": rows,
         "mean_dice": float(np.mean(dice_all)),
         "dice_per_class": {n: float(np.mean([r["dice"][n] for r in rows])) for n in CLASS_NAMES.values()},
-        "mean_dice_boxes": float(np.mean([v for r in rows for v in r["dice_boxes"].values()])),
+        "mean_dice_points": float(np.mean([v for r in rows for v in r["dice_points"].values()])),
         "mean_dice_coarse": float(np.mean([v for r in rows for v in r["dice_coarse"].values()])),
         "mean_hd95_mm": float(np.mean(finite)) if finite else None,
         "hd95_missing": len(hd_all) - len(finite),
@@ -375,12 +376,12 @@ def _write(results: dict, args: argparse.Namespace, t_all: float) -> str:
         hds = [r["mean_hd95_mm"] for r in runs if r["mean_hd95_mm"] is not None]
         spread = f" ± {np.std(dice):.3f}" if len(dice) > 1 else ""
         extra = [round(float(np.mean([r.get(k, float("nan")) for r in runs])), 3)
-                 for k in ("mean_dice_boxes", "mean_dice_coarse")]
+                 for k in ("mean_dice_points", "mean_dice_coarse")]
         rows.append([n_lab, runs[0]["title"], f"{np.mean(dice):.3f}{spread}", *extra,
                      *[round(float(np.mean([r["dice_per_class"][n] for r in runs])), 3) for n in CLASS_NAMES.values()],
                      round(float(np.mean(hds)), 2) if hds else "n/a", sum(r["hd95_missing"] for r in runs),
                      len(runs), round(float(np.mean([r["seconds_per_step"] for r in runs])), 2)])
-    headers = ["labeled", "model", "mean Dice", "boxes only", "coarse head", *CLASS_NAMES.values(), "HD95 mm", "HD95 missing", "seeds", "s/step"]
+    headers = ["labeled", "model", "mean Dice", "with points", "coarse head", *CLASS_NAMES.values(), "HD95 mm", "HD95 missing", "seeds", "s/step"]
     table = markdown_table(headers, rows)
     payload = {**results, "table_markdown": table, "total_seconds": time.perf_counter() - t_all,
                "summary": _summary(results["runs"])}
@@ -426,9 +427,10 @@ def _describe(args: argparse.Namespace) -> str:
             f"{args.unlabeled_batch}, {args.strong_views} cached strong views per slice, DFE width {args.dfe_width}, "
             f"decoder consistency on {args.unsup_decoder_classes} class(es) per slice; phantom seed {args.seed}, "
             f"training seed(s) {', '.join(map(str, getattr(args, 'train_seeds', None) or [args.seed]))}. "
-            "Mean Dice: Auto-segment as shipped, mean over test cases and classes, then over training seeds "
-            "(± standard deviation over seeds); 'boxes only': the same with box prompts alone; 'coarse head': the "
-            "coarse head's argmax alone. Per-class Dice and HD95 are the shipped pipeline's.")
+            "Mean Dice: Auto-segment as shipped (box prompts for LiteMedSAM), mean over test cases and classes, "
+            "then over training seeds (± standard deviation over seeds); 'with points': the same with PCSW's "
+            "points in the prompts; 'coarse head': the coarse head's argmax alone. Per-class Dice and HD95 are "
+            "the shipped pipeline's.")
 
 
 def _finite(value):  # noqa: ANN001, ANN202 - JSON has no NaN: write null

@@ -84,12 +84,13 @@ class TaskRuntime:
             carried box drifts (the myocardium fills in, the RV runs on past its end): on the
             benchmark's held-out phantoms one model scored mean Dice 0.77 propagating from the key
             slice and 0.90 with anchors (benchmarks/bench_task_model.py: 0.95).
-        prompt_points: **(ours)** False: automatic prompts are boxes alone (no positive or negative
-            points) and a 2D backbone carries boxes alone. LiteMedSAM's shipped decoder was trained
-            on boxes only and answers a point inside the left ventricle with an unrelated mask; a
-            decoder fine-tuned briefly on a few cases has not learned points well either (phantoms,
-            3 labeled cases, 200 steps: mean Dice 0.90 with points, 0.92 with boxes alone). The
-            user's own prompts keep their points.
+        prompt_points: **(ours)** whether automatic prompts carry PCSW's points (and a 2D backbone
+            carries points from slice to slice); False: boxes alone. None: only where the backbone's
+            shipped decoder was trained with points (SAM-2), not LiteMedSAM, whose decoder was trained
+            on boxes alone and answers a point inside the left ventricle with an unrelated mask. On
+            the SSL benchmark's phantoms (64 px, LiteMedSAM models fine-tuned on 3 labeled cases)
+            boxes alone scored 0.90 -> 0.92, 0.89 -> 0.92 and 0.78 -> 0.88 mean Dice. The user's own
+            prompts keep their points.
     """
 
     backbone: "Backbone"
@@ -101,7 +102,7 @@ class TaskRuntime:
     volume_ranges_mm3: dict[int, tuple[float, float]]
     presence_fraction: float | None = 0.1
     anchors: bool | None = None
-    prompt_points: bool = True
+    prompt_points: bool | None = None
 
     @classmethod
     def from_task_model(cls, model: TaskModel, *, device: str = "auto", backbone: "Backbone | None" = None,
@@ -142,6 +143,10 @@ class TaskRuntime:
     @property
     def labels(self) -> list[int]:
         return [c.label for c in self.classes]
+
+    @property
+    def uses_points(self) -> bool:
+        return self.prompt_points if self.prompt_points is not None else self.adapter.knows_points
 
     @property
     def uses_anchors(self) -> bool:
@@ -285,7 +290,7 @@ class AutoSegmentSession:
             auto, results = pcsw_prompt_set(probs, **common)
             if rt.uses_anchors:
                 auto = with_anchors(auto, probs, rt.pcsw, common["in_plane_spacing"])
-            if not rt.prompt_points:
+            if not rt.uses_points:
                 auto = boxes_only(auto)
             self._auto = (auto, results)
         auto, results = self._auto
@@ -350,7 +355,7 @@ class _carried_points:
 
     def __init__(self, runtime: TaskRuntime) -> None:
         self.backbone = runtime.backbone
-        self.active = not runtime.prompt_points and hasattr(self.backbone, "carry_points")
+        self.active = not runtime.uses_points and hasattr(self.backbone, "carry_points")
         self.before = getattr(self.backbone, "carry_points", None)
 
     def __enter__(self) -> None:
@@ -471,7 +476,7 @@ def auto_segment(
     device: str = "auto",
     frame: int | None = None,
     backbone: "Backbone | None" = None,
-    prompt_points: bool = True,
+    prompt_points: bool | None = None,
     progress: Progress | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> AutoSegmentResult:
@@ -486,7 +491,7 @@ def auto_segment(
         device: "auto", "cpu", "cuda", "cuda:N" or "mps".
         frame: frame of a 4D image.
         backbone: a built backbone to use (its decoder weights are replaced by the model's).
-        prompt_points: False: automatic prompts are boxes alone (:attr:`TaskRuntime.prompt_points`).
+        prompt_points: see :attr:`TaskRuntime.prompt_points` (None: the backbone's default).
         progress / should_cancel: see :meth:`AutoSegmentSession.run`.
 
     Raises:

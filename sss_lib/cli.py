@@ -101,7 +101,7 @@ def _cmd_auto_segment(args: argparse.Namespace) -> int:
     update, close = _engine_progress_bar()
     try:
         result = auto_segment(args.image, args.model, args.output, args.prompts_out, prompts_in=args.prompts,
-                              device=args.device, frame=args.frame, prompt_points=not args.boxes_only,
+                              device=args.device, frame=args.frame, prompt_points={"auto": None, "on": True, "off": False}[args.prompt_points],
                               progress=update)
     finally:
         close()
@@ -192,9 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--prompts", default=None, help="edited prompts JSON from an earlier run")
     au.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     au.add_argument("--frame", type=int, default=None, help="frame of a 4D image to segment")
-    au.add_argument("--boxes-only", action="store_true",
-                    help="automatic prompts without points (boxes alone): better for LiteMedSAM task models "
-                         "trained briefly on few cases, whose decoder has not learned points")
+    au.add_argument("--prompt-points", choices=["auto", "on", "off"], default="auto",
+                    help="automatic prompts with PCSW's points, or boxes alone (default auto: points for SAM-2, "
+                         "boxes alone for LiteMedSAM, whose decoder was trained on boxes)")
     au.set_defaults(func=_cmd_auto_segment)
 
     ev = sub.add_parser("evaluate", help="score predicted label maps against ground truth",

@@ -215,6 +215,7 @@ def test_anchors_cover_the_component_pcsw_prompted():
 def test_boxes_only_runtime_drops_the_points_of_automatic_prompts_only(session, image):
     from sss_lib.auto_segment import AutoSegmentSession, boxes_only
 
+    assert session.runtime.uses_points  # SAM-2's decoder knows points: they are on by default
     auto = session.run().prompts
     assert any(p.positive_points for c in auto.classes for p in c.prompts), "PCSW gave no point to drop"
     runtime = dataclasses.replace(session.runtime, prompt_points=False)
@@ -236,17 +237,17 @@ def test_a_boxes_only_run_carries_boxes_alone_and_restores_the_backbone():
     from sss_lib.auto_segment import _carried_points
 
     net = SimpleNamespace(carry_points=True)
-    with _carried_points(SimpleNamespace(backbone=net, prompt_points=False)):
+    with _carried_points(SimpleNamespace(backbone=net, uses_points=False)):
         assert net.carry_points is False
     assert net.carry_points is True
-    with _carried_points(SimpleNamespace(backbone=net, prompt_points=True)):
+    with _carried_points(SimpleNamespace(backbone=net, uses_points=True)):
         assert net.carry_points is True
 
 
-def test_cli_boxes_only_writes_prompts_without_points(model_path, dataset, tmp_path):
+def test_cli_prompt_points_off_writes_prompts_without_points(model_path, dataset, tmp_path):
     image_path = dataset / "imagesTr" / "case_000_0000.nii.gz"
     prompts = tmp_path / "p.json"
     assert main(["auto-segment", str(image_path), "--model", str(model_path), "-o", str(tmp_path / "seg.nrrd"),
-                 "--prompts-out", str(prompts), "--device", "cpu", "--boxes-only"]) == 0
+                 "--prompts-out", str(prompts), "--device", "cpu", "--prompt-points", "off"]) == 0
     written = [p for c in json.loads(prompts.read_text())["classes"] for p in c["prompts"]]
     assert written and all(p["box"] and not p["positive_points"] and not p["negative_points"] for p in written)
