@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strong-views", type=int, default=2)
     ap.add_argument("--unsup-decoder-classes", type=int, default=1)
     ap.add_argument("--dfe-width", type=int, default=64)
+    ap.add_argument("--confidence", type=float, default=0.95, help="pseudo-label confidence threshold")
     ap.add_argument("--seed", type=int, default=0, help="phantom seed (pool, validation and test cases)")
     ap.add_argument("--train-seeds", type=int, nargs="+", default=None,
                     help="training seeds; each (labeled, model) pair is trained once per seed and the table "
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                             val_every=args.val_every or max(1, args.iterations // 2))
         cfg = SemiSupConfig(train=train, run_dir=run_dir, unlabeled=unl, unlabeled_batch=args.unlabeled_batch,
                             strong_views=args.strong_views, strong_view_seed=args.seed, dfe_width=args.dfe_width,
-                            unsup_decoder_classes=args.unsup_decoder_classes,
+                            unsup_decoder_classes=args.unsup_decoder_classes, confidence=args.confidence,
                             checkpoint_every=max(1, args.iterations), **overrides)
         reporter = ProgressReporter(cfg.total_steps, json_lines=False, console_view=False,
                                     history=run_dir / "history.jsonl")
@@ -284,7 +285,7 @@ def _merge(args: argparse.Namespace) -> int:
     parts = [json.loads(Path(p).read_text()) for p in args.merge]
     first = parts[0]["settings"]
     for path, part in zip(args.merge, parts):
-        differ = [k for k in _MATTERS if k not in ("threads",) and part["settings"].get(k) != first.get(k)]
+        differ = [k for k in _MATTERS if k not in ("threads",) and _setting(part["settings"], k) != _setting(first, k)]
         if differ:
             raise SystemExit(f"{path}: settings {differ} differ from {args.merge[0]}'s; cannot merge")
     runs = [r for part in parts for r in part["runs"]]
@@ -320,7 +321,14 @@ def _reevaluate(args: argparse.Namespace, work: Path, test: Path, backbone, stor
 
 
 _MATTERS = ("pool_cases", "val_cases", "test_cases", "slices", "size", "iterations", "val_every", "labeled_batch",
-            "decoder_batch", "unlabeled_batch", "strong_views", "unsup_decoder_classes", "dfe_width", "seed", "threads")
+            "decoder_batch", "unlabeled_batch", "strong_views", "unsup_decoder_classes", "dfe_width", "seed", "threads",
+            "confidence")
+#: Settings added after some results were written: their value in those results.
+_DEFAULTS = {"confidence": 0.95}
+
+
+def _setting(settings: dict, key: str):  # noqa: ANN202
+    return settings.get(key, _DEFAULTS.get(key))
 
 
 def _reusable(args: argparse.Namespace) -> dict:
@@ -328,7 +336,7 @@ def _reusable(args: argparse.Namespace) -> dict:
     if not args.reuse:
         return {}
     old = json.loads(Path(args.reuse).read_text())
-    same = all(old["settings"].get(k) == getattr(args, k) for k in _MATTERS)
+    same = all(_setting(old["settings"], k) == getattr(args, k) for k in _MATTERS)
     if not same:
         raise SystemExit(f"{args.reuse}: its settings differ; cannot reuse its rows")
     return {(r["labeled"], r["config"]): {**r, "reused_from": str(args.reuse)} for r in old["runs"]
@@ -425,7 +433,8 @@ def _describe(args: argparse.Namespace) -> str:
             f"(validation every {args.val_every or max(1, args.iterations // 2)}), "
             f"labeled batch {args.labeled_batch}, decoder batch {args.decoder_batch}, unlabeled batch "
             f"{args.unlabeled_batch}, {args.strong_views} cached strong views per slice, DFE width {args.dfe_width}, "
-            f"decoder consistency on {args.unsup_decoder_classes} class(es) per slice; phantom seed {args.seed}, "
+            f"decoder consistency on {args.unsup_decoder_classes} class(es) per slice; pseudo-label confidence "
+            f"{getattr(args, 'confidence', 0.95)}; phantom seed {args.seed}, "
             f"training seed(s) {', '.join(map(str, getattr(args, 'train_seeds', None) or [args.seed]))}. "
             "Mean Dice: Auto-segment as shipped (box prompts for LiteMedSAM), mean over test cases and classes, "
             "then over training seeds (± standard deviation over seeds); 'with points': the same with PCSW's "
