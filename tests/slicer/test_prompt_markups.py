@@ -148,3 +148,26 @@ def test_task_model_paths_raise_a_clear_error(scene, logic, volume, tmp_path):
         logic.prepare_auto_run(volume, str(tmp_path / "liver.ssstask"))
     with pytest.raises(TaskModelRequiredError):
         logic.prepare_run(volume, model=C.TASK_MODEL_CHOICE)
+
+
+def test_a_box_only_class_round_trips_without_points(scene, logic, volume):
+    """A LiteMedSAM task model prompts with boxes alone: the class gets its box markups, no points,
+    and reads back the same."""
+    import slicer.util
+    from SSSSegmentLib import constants as C
+    from SSSSegmentLib import geometry
+    from sss_lib.prompts import ClassPrompts, PromptSet, SlicePrompt
+
+    vol = geometry.sss_volume_from_node(volume, voxels=slicer.util.arrayFromVolume(volume))
+    axis = logic.slice_axis(vol, "auto")
+    n, h, w = axis.to_stack(vol.voxels).shape
+    boxes = [SlicePrompt(s, box=(0.3 * w, 0.3 * h, 0.5 * w, 0.55 * h), source="auto", confidence=0.9)
+             for s in (n // 2 - 2, n // 2)]
+    logic.write_prompts(volume, PromptSet(axis, [ClassPrompts(1, "LV", boxes, (200, 60, 60))]), source=C.SOURCE_AUTO)
+    (lv,) = logic.classes(volume)
+    assert len(lv.boxes) == 2 and (lv.points is None or lv.points.GetNumberOfControlPoints() == 0)
+    (back,) = logic.prompts_from_markups(volume, axis).classes
+    assert sorted(p.key_slice for p in back.prompts) == [n // 2 - 2, n // 2]
+    for p in back.prompts:
+        assert not p.positive_points and not p.negative_points
+        np.testing.assert_allclose(p.box, boxes[0].box, atol=1e-3)
