@@ -255,11 +255,9 @@ def adapter_for(backbone: Backbone) -> DecoderAdapter:
 
     if isinstance(backbone, LiteMedSamBackbone):
         return LiteMedSamAdapter(backbone)
-    try:
-        from ..backbones.sam2_backbone import Sam2Backbone
-    except ImportError:  # pragma: no cover - sam2 missing
-        Sam2Backbone = None  # type: ignore[assignment,misc]
-    if Sam2Backbone is not None and isinstance(backbone, Sam2Backbone):
+    from ..backbones.sam2_backbone import Sam2Backbone  # imports sam2 itself only when a model is built
+
+    if isinstance(backbone, Sam2Backbone):
         return Sam2Adapter(backbone)
     raise TypeError(f"backbone {backbone.name!r} ({type(backbone).__name__}) cannot be fine-tuned: "
                     "only LiteMedSAM and SAM-2.1 backbones are supported")
