@@ -1,4 +1,5 @@
-"""Fixtures shared by the tests: where the real sample data lives, and a loader for it."""
+"""Fixtures shared by the tests: where the real sample data lives, a loader for it, one torch thread
+and a small SAM-2 backbone for the training tests."""
 
 from __future__ import annotations
 
@@ -27,3 +28,23 @@ def data_file(data_dir: Path) -> Callable[[str], Path]:
         return path
 
     return find
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module (the machine's cores are shared); restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    """SAM-2.1 tiny at 64 px with random weights, one per test module: training changes its decoder
+    in place, so modules must not share it."""
+    from sss_lib.backbones.sam2_backbone import build_sam2_backbone
+
+    return build_sam2_backbone("sam2.1_hiera_tiny", image_size=64, random_init=True)

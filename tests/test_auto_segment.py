@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from sss_lib.cli import main
 from sss_lib.phantoms import make_phantom_dataset
@@ -22,19 +21,8 @@ from sss_lib.prompts import ClassPrompts, PromptSet
 from sss_lib.trainer import TrainConfig, train_task_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    from sss_lib.backbones.sam2_backbone import build_sam2_backbone
-
-    return build_sam2_backbone("sam2.1_hiera_tiny", image_size=64, random_init=True)
+# One torch thread, and a fresh random-init SAM-2.1 tiny ``backbone`` for this module: tests/conftest.py.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -30,19 +30,8 @@ from sss_lib.trainer.slice_prompts import box_slice_plans, pcsw_slice_plans
 PHANTOM = dict(n_slices=5, size=(48, 48), spacing=(4.0, 4.0, 8.0))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    from sss_lib.backbones.sam2_backbone import build_sam2_backbone
-
-    return build_sam2_backbone("sam2.1_hiera_tiny", image_size=64, random_init=True)
+# One torch thread, and a fresh random-init SAM-2.1 tiny ``backbone`` for this module: tests/conftest.py.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
