@@ -77,11 +77,8 @@ def precompute(pool: Path, test: Path, args: argparse.Namespace, backbone, store
     """Embed every slice (and the strong views of every training-pool slice) once, the way the
     runs will ask for them (same preprocessing, same cache keys), so that they can be saved and a
     restarted benchmark does not pay for them again."""
-    import dataclasses as dc
-
     from sss_lib.datasets import open_dataset
     from sss_lib.engine import SegmentationSession
-    from sss_lib.semisup import StrongAugment
     from sss_lib.task_model import TaskPreprocessing
     from sss_lib.trainer.config import TrainConfig
     from sss_lib.trainer.semisup_config import StrongViewSettings
@@ -104,7 +101,7 @@ def precompute(pool: Path, test: Path, args: argparse.Namespace, backbone, store
         if in_pool and case.case_id in train_ids:
             unlabeled.append(UnlabeledCase(case.case_id, image, session))
         print(f"  embedded {case.case_id} ({n}/{len(todo)})", flush=True)
-    strong = StrongAugment(**dc.asdict(StrongViewSettings()))
+    strong = StrongViewSettings().build()
     embed_strong_views(unlabeled, backbone, args.strong_views, strong, args.seed, cache=strong_cache)
 
 

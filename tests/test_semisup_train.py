@@ -292,3 +292,14 @@ def test_teacher_prompts_keep_points_only_where_the_decoder_learned_them():
     assert {k: p.box for k, p in boxes.prompts.items()} == {k: p.box for k, p in plan.prompts.items()}
     assert all(not p.positive and not p.negative for p in boxes.prompts.values())
     assert boxes.untrusted is untrusted and plan.prompts[1].positive == [(1.0, 1.0)]  # the original is unchanged
+
+
+def test_strong_view_settings_mirror_the_augmentation():
+    import dataclasses
+
+    from sss_lib.semisup import StrongAugment
+    from sss_lib.trainer.semisup_config import StrongViewSettings
+
+    assert dataclasses.asdict(StrongViewSettings()) == dataclasses.asdict(StrongAugment())
+    built = StrongViewSettings(blur_p=0.1).build()
+    assert isinstance(built, StrongAugment) and built.blur_p == 0.1

@@ -27,7 +27,12 @@ SCHEMA = "sss.semisup-config/1"
 
 @dataclasses.dataclass(frozen=True)
 class StrongViewSettings:
-    """The strong (intensity) augmentation, :class:`sss_lib.semisup.StrongAugment`'s fields."""
+    """The strong (intensity) augmentation, :class:`sss_lib.semisup.StrongAugment`'s fields.
+
+    A torch-free copy so that a run's config can be read and checked without torch (the CLI and the
+    Slicer module do); tests/test_semisup_train.py keeps its fields and defaults equal to
+    StrongAugment's.
+    """
 
     jitter_p: float = 0.8
     brightness: float = 0.4
@@ -38,6 +43,12 @@ class StrongViewSettings:
     solarize_threshold: tuple[float, float] = (0.6, 0.95)
     blur_p: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)
+
+    def build(self) -> Any:
+        """The :class:`sss_lib.semisup.StrongAugment` with these settings (imports torch)."""
+        from ..semisup import StrongAugment
+
+        return StrongAugment(**dataclasses.asdict(self))
 
 
 @dataclasses.dataclass

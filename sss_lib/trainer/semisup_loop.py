@@ -331,8 +331,6 @@ class _Run:
         return {v: f"class {v}" for v in values}
 
     def _embed(self, labeled: list[LabeledCase], unlabeled: list[UnlabeledCase], net: Backbone) -> None:
-        from ..semisup import StrongAugment
-
         cfg = self.config
         total = sum(c.n_slices for c in labeled) + sum(u.n_slices for u in unlabeled) * (1 + cfg.strong_views)
         done = [0]
@@ -354,7 +352,7 @@ class _Run:
                 u.session.embedding(s)
                 tick(f"{u.case_id} slice {s + 1}")
         if unlabeled:
-            strong = StrongAugment(**dataclasses.asdict(cfg.strong))
+            strong = cfg.strong.build()
             seed = cfg.train.seed if cfg.strong_view_seed is None else cfg.strong_view_seed
             embed_strong_views(unlabeled, net, cfg.strong_views, strong, seed,
                                lambda d, t, m: tick(m), cancel, cache=self.strong_cache)
