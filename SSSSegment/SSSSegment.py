@@ -355,11 +355,7 @@ class SSSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         dependencies.check_python(sys.version_info)
         if self._dependenciesChecked:
             return True
-        ok = dependencies.ensure_dependencies(
-            confirm=lambda text, details: slicer.util.confirmOkCancelDisplay(text, detailedText=details),
-            pip_install=dependencies.pip_install_without_cuda_build(slicer.util.pip_install),
-            install_torch=dependencies.install_torch_with_pytorchutils,
-        )
+        ok = dependencies.ensure_dependencies_in_slicer()
         if ok:
             try:
                 import sss_lib  # noqa: F401

@@ -153,3 +153,15 @@ def pip_install_without_cuda_build(pip_install: Callable[[List[str]], None]) -> 
                 os.environ["SAM2_BUILD_CUDA"] = previous
 
     return install
+
+
+def ensure_dependencies_in_slicer() -> bool:
+    """:func:`ensure_dependencies` with Slicer's confirmation dialog, pip and the PyTorch extension
+    (what both SSS modules run before their first job; Slicer only)."""
+    import slicer.util
+
+    return ensure_dependencies(
+        confirm=lambda text, details: slicer.util.confirmOkCancelDisplay(text, detailedText=details),
+        pip_install=pip_install_without_cuda_build(slicer.util.pip_install),
+        install_torch=install_torch_with_pytorchutils,
+    )
