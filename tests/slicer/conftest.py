@@ -2,8 +2,9 @@
 
 Does what the Slicer application does at start-up (SLICER_API.md section 7): a scene in
 ``slicer.mrmlScene``, the segmentation conversion rules, and real segmentations/volumes logics under
-``slicer.modules``. Each test gets an empty scene. ``SSSSegment/`` is put on ``sys.path`` so the
-module's GUI-free package ``SSSSegmentLib`` imports as it does inside Slicer.
+``slicer.modules``. Each test gets an empty scene. ``SSSSegment/`` and ``SSSTrain/`` are put on
+``sys.path`` so the modules' GUI-free packages ``SSSSegmentLib`` and ``SSSTrainLib`` import as they
+do inside Slicer.
 """
 
 import sys
@@ -15,8 +16,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 SEGMENT_MODULE_DIR = REPO / "SSSSegment"
 
-if str(SEGMENT_MODULE_DIR) not in sys.path:
-    sys.path.insert(0, str(SEGMENT_MODULE_DIR))
+for _module_dir in (SEGMENT_MODULE_DIR, REPO / "SSSTrain"):
+    if str(_module_dir) not in sys.path:
+        sys.path.insert(0, str(_module_dir))
 
 _RULES = (
     "vtkBinaryLabelmapToClosedSurfaceConversionRule",
@@ -97,3 +99,16 @@ def two_torch_threads():
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def no_training_left_behind(tmp_path):
+    """A failing test must not leave a stand-in trainer running: end every run started under tmp_path."""
+    yield
+    from SSSTrainLib.process import kill_process_tree, pid_alive
+    from SSSTrainLib.runstate import read_state
+
+    for state_file in tmp_path.rglob("run_state.json"):
+        state = read_state(str(state_file.parent.parent))
+        if state is not None and pid_alive(state.pid):
+            kill_process_tree(state.pid)

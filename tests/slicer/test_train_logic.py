@@ -2,28 +2,16 @@
 stand-in trainer that follows the run contract (start, progress, stop, resume, re-attach, failure,
 "Copy command", "Use this model"). The same scenarios run inside Slicer as SSSTrainTest."""
 
-import sys
 import types
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-if str(REPO / "SSSTrain") not in sys.path:
-    sys.path.insert(0, str(REPO / "SSSTrain"))
 
 
-@pytest.fixture(autouse=True)
-def no_training_left_behind(tmp_path):
-    """A failing test must not leave a stand-in trainer running: end every run started under tmp_path."""
-    yield
-    from SSSTrainLib.process import kill_process_tree, pid_alive
-    from SSSTrainLib.runstate import read_state
-
-    for state_file in tmp_path.rglob("run_state.json"):
-        state = read_state(str(state_file.parent.parent))
-        if state is not None and pid_alive(state.pid):
-            kill_process_tree(state.pid)
+# A failing test must not leave a stand-in trainer running: tests/slicer/conftest.py.
+pytestmark = pytest.mark.usefixtures("no_training_left_behind")
 
 
 @pytest.fixture

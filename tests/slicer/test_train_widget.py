@@ -22,21 +22,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 UI_FILE = REPO / "SSSTrain" / "Resources" / "UI" / "SSSTrain.ui"
-if str(REPO / "SSSTrain") not in sys.path:
-    sys.path.insert(0, str(REPO / "SSSTrain"))
 
 
-@pytest.fixture(autouse=True)
-def no_training_left_behind(tmp_path):
-    """A failing test must not leave a stand-in trainer running: end every run started under tmp_path."""
-    yield
-    from SSSTrainLib.process import kill_process_tree, pid_alive
-    from SSSTrainLib.runstate import read_state
-
-    for state_file in tmp_path.rglob("run_state.json"):
-        state = read_state(str(state_file.parent.parent))
-        if state is not None and pid_alive(state.pid):
-            kill_process_tree(state.pid)
+# A failing test must not leave a stand-in trainer running: tests/slicer/conftest.py.
+pytestmark = pytest.mark.usefixtures("no_training_left_behind")
 
 
 # -- Qt stand-ins ----------------------------------------------------------------------------------------
