@@ -30,15 +30,25 @@ def data_file(data_dir: Path) -> Callable[[str], Path]:
     return find
 
 
-@pytest.fixture(scope="module")
-def one_torch_thread():
-    """Torch on one thread for a module (the machine's cores are shared); restored afterwards."""
+def _torch_threads(n: int):
     import torch
 
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(n)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module (the machine's cores are shared); restored afterwards."""
+    yield from _torch_threads(1)
+
+
+@pytest.fixture(scope="module")
+def two_torch_threads():
+    """Torch on two threads for a module (the machine is shared); restored afterwards."""
+    yield from _torch_threads(2)
 
 
 @pytest.fixture(scope="module")

@@ -90,17 +90,6 @@ def crop_volume(scene, data_file):
     return crop
 
 
-@pytest.fixture(scope="module")
-def two_torch_threads():
-    """Keep torch to two threads (the machine is shared); restored afterwards."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def no_training_left_behind(tmp_path):
     """A failing test must not leave a stand-in trainer running: end every run started under tmp_path."""
