@@ -175,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--confidence", type=float, default=0.95, help="pseudo-label confidence threshold")
     ap.add_argument("--unsup-decoder-weight", type=float, default=1.0,
                     help="weight of the mask decoder's consistency term (0: the coarse head's alone)")
+    ap.add_argument("--decoder-agreement", choices=["on", "off"], default="on",
+                    help="decoder consistency only where the teacher's coarse head agrees (SemiSupConfig.decoder_agreement)")
     ap.add_argument("--seed", type=int, default=0, help="phantom seed (pool, validation and test cases)")
     ap.add_argument("--train-seeds", type=int, nargs="+", default=None,
                     help="training seeds; each (labeled, model) pair is trained once per seed and the table "
@@ -254,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = SemiSupConfig(train=train, run_dir=run_dir, unlabeled=unl, unlabeled_batch=args.unlabeled_batch,
                             strong_views=args.strong_views, strong_view_seed=args.seed, dfe_width=args.dfe_width,
                             unsup_decoder_classes=args.unsup_decoder_classes, confidence=args.confidence,
-                            unsup_decoder_weight=args.unsup_decoder_weight, checkpoint_every=max(1, args.iterations), **overrides)
+                            unsup_decoder_weight=args.unsup_decoder_weight,
+                            decoder_agreement=args.decoder_agreement == "on", checkpoint_every=max(1, args.iterations), **overrides)
         reporter = ProgressReporter(cfg.total_steps, json_lines=False, console_view=False,
                                     history=run_dir / "history.jsonl")
         t0 = time.perf_counter()
@@ -321,9 +324,9 @@ def _reevaluate(args: argparse.Namespace, work: Path, test: Path, backbone, stor
 
 _MATTERS = ("pool_cases", "val_cases", "test_cases", "slices", "size", "iterations", "val_every", "labeled_batch",
             "decoder_batch", "unlabeled_batch", "strong_views", "unsup_decoder_classes", "dfe_width", "seed", "threads",
-            "confidence", "unsup_decoder_weight")
+            "confidence", "unsup_decoder_weight", "decoder_agreement")
 #: Settings added after some results were written: their value in those results.
-_DEFAULTS = {"confidence": 0.95, "unsup_decoder_weight": 1.0}
+_DEFAULTS = {"confidence": 0.95, "unsup_decoder_weight": 1.0, "decoder_agreement": "off"}
 
 
 def _setting(settings: dict, key: str):  # noqa: ANN202
@@ -434,7 +437,8 @@ def _describe(args: argparse.Namespace) -> str:
             f"{args.unlabeled_batch}, {args.strong_views} cached strong views per slice, DFE width {args.dfe_width}, "
             f"decoder consistency on {args.unsup_decoder_classes} class(es) per slice; pseudo-label confidence "
             f"{getattr(args, 'confidence', 0.95)}, decoder consistency weight "
-            f"{getattr(args, 'unsup_decoder_weight', 1.0)}; phantom seed {args.seed}, "
+            f"{getattr(args, 'unsup_decoder_weight', 1.0)}, decoder consistency only where the coarse head agrees: "
+            f"{getattr(args, 'decoder_agreement', 'off')}; phantom seed {args.seed}, "
             f"training seed(s) {', '.join(map(str, getattr(args, 'train_seeds', None) or [args.seed]))}. "
             "Mean Dice: Auto-segment as shipped (box prompts for LiteMedSAM), mean over test cases and classes, "
             "then over training seeds (± standard deviation over seeds); 'with points': the same with PCSW's "

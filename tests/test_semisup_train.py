@@ -24,7 +24,7 @@ from sss_lib.runs.progress import ProgressReporter
 from sss_lib.trainer.config import TrainConfig
 from sss_lib.trainer.semisup_config import SemiSupConfig
 from sss_lib.trainer.semisup_loop import run_training
-from sss_lib.trainer.semisup_step import cutmix_features, feature_boxes, teacher_targets
+from sss_lib.trainer.semisup_step import agreeing, coarse_channels, cutmix_features, feature_boxes, teacher_targets
 from sss_lib.trainer.slice_prompts import box_slice_plans, pcsw_slice_plans
 
 PHANTOM = dict(n_slices=5, size=(48, 48), spacing=(4.0, 4.0, 8.0))
@@ -97,6 +97,9 @@ def test_ssl_steps_are_finite_and_the_unsupervised_loss_starts_after_warmup(data
     assert all(0.0 < r.mask_ratio <= 1.0 for r in ssl)
     # Prompts reached the student's decoder, and its DFE-enhanced views gave a finite, positive term.
     assert outcome.last["unsup_decoder"] > 0 and math.isfinite(outcome.last["unsup_head"])
+    # The decoder learns only where the (here perfect) coarse head agrees with the untrained decoder's
+    # pseudo-label: some pixels, not all of the trusted ones.
+    assert 0.0 < outcome.last["decoder_trust"] < outcome.last["mask_ratio"]
 
     from sss_lib.task_model import load_task_model
 
@@ -121,6 +124,8 @@ def test_ablations(data, backbone, tmp_path, monkeypatch):
     no_dfe, steps = train(tmp_path / "nodfe", lab, unl, backbone, iterations=5, use_dfe=False, use_pcsw=False,
                           confidence=0.0, teacher_points=False)
     assert no_dfe.last["unsup"] > 0 and no_dfe.last["unsup_decoder"] > 0
+    disagreeing, _ = train(tmp_path / "all", lab, unl, backbone, iterations=5, confidence=0.0, decoder_agreement=False)
+    assert disagreeing.last["decoder_trust"] == pytest.approx(disagreeing.last["mask_ratio"])
     from sss_lib.task_model import load_task_model
 
     assert "dfe" not in load_task_model(no_dfe.model_path, expected_backbone_sha256="random-init").weights
@@ -192,6 +197,26 @@ def test_confidence_mask_and_cutmix_label_mixing_on_hand_built_slices():
     assert torch.equal(view.trusted[box], tb[box]) and torch.equal(view.trusted[~box], ta[~box])
     # Inside the box the partner's (confident background) wins even over class 1 of the slice itself.
     assert view.pseudo[4:, :4].eq(0).all() and view.trusted[4:, :4].all()
+
+
+def test_decoder_trust_needs_the_coarse_head_to_agree_with_the_pseudo_label():
+    h = w = 6
+    probs = {4: np.zeros((2, h, w), np.float32), 9: np.zeros((2, h, w), np.float32)}
+    probs[4][1, :, :2] = 0.9          # the head says class 4 (channel 1) on the left
+    probs[9][1, :, 4:] = 0.6          # class 9 (channel 2) on the right
+    probs[4][1, :, 4:] = 0.3          # ... where class 4 is second
+    probs[9][1, 0, 2] = 0.45          # and a pixel where no class beats background (0.55)
+    coarse = coarse_channels(probs, 1, [4, 9])
+    assert (coarse[:, :2] == 1).all() and (coarse[:, 4:] == 2).all() and (coarse[:, 2:4] == 0).all() and coarse.dtype == np.int64
+    assert (coarse_channels(probs, 0, [4, 9]) == 0).all()
+
+    logits = torch.full((1, 2, h, w), -32.0)
+    logits[0, 0, :, :3] = 10.0  # the decoder's class 4 reaches one column further than the head's
+    logits[0, 1, :, 4:] = 10.0
+    pseudo, trusted = teacher_targets(logits, np.zeros((h, w), bool), 0.95)
+    assert trusted.all()
+    agreed = agreeing(pseudo, trusted, coarse)
+    assert agreed[:, :2].all() and not agreed[:, 2].any() and agreed[:, 3:].all()
 
 
 def test_feature_boxes_cover_the_same_region_on_every_level():

@@ -90,6 +90,9 @@ def add_train_arguments(tr: argparse.ArgumentParser) -> None:
     tr.add_argument("--teacher-points", choices=["auto", "on", "off"], default="auto",
                     help="teacher prompts with PCSW's points (default auto: on for SAM-2, off for LiteMedSAM, "
                          "whose decoder was trained on boxes alone)")
+    tr.add_argument("--no-decoder-agreement", action="store_true",
+                    help="the decoder's consistency also on trusted pixels where the teacher's coarse head disagrees "
+                         "with the pseudo-label (default: only where they agree)")
     tr.add_argument("--dfe-zero-init-gain", action="store_true",
                     help="start DFE's enhancement at 0 through a learned gain (default: off, the formula as specified)")
     tr.add_argument("--cutmix-p", type=float, default=0.5, help="CutMix probability (default: 0.5)")
@@ -128,7 +131,7 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201 - SemiSupConfig,
         ema_decay=args.ema_decay, unlabeled_batch=args.unlabeled_batch, strong_views=args.strong_views,
         strong_view_seed=args.strong_view_seed, cutmix_p=args.cutmix_p, dfe_width=args.dfe_width, dfe_zero_init_gain=args.dfe_zero_init_gain,
         teacher_points={"auto": None, "on": True, "off": False}[args.teacher_points],
-        lr_dfe=args.lr_dfe,
+        decoder_agreement=not args.no_decoder_agreement, lr_dfe=args.lr_dfe,
         unsup_decoder_classes=args.unsup_decoder_classes, unsup_head_weight=args.unsup_head_weight,
         unsup_decoder_weight=args.unsup_decoder_weight,
     )

@@ -70,12 +70,15 @@ CUTMIX_RATIO = (0.3, 1 / 0.3)
 class Targets:
     """The teacher's answer for one unlabeled slice (slice grid ``(H, W)``).
 
-    ``pseudo``: long channel index (0 = background, ``c`` = the c-th class); ``trusted``: bool.
+    ``pseudo``: long channel index (0 = background, ``c`` = the c-th class); ``trusted``: bool;
+    ``agreed``: the trusted pixels where the teacher's coarse head agrees with ``pseudo``
+    (``SemiSupConfig.decoder_agreement``).
     """
 
     pseudo: torch.Tensor
     trusted: torch.Tensor
     plan: SlicePlan
+    agreed: torch.Tensor
 
 
 class UnlabeledOrder:
@@ -298,8 +301,9 @@ class SemiSupStepper:
         per_sample = cfg.unsup_head_weight * (head1 + head2) / 2 + cfg.unsup_decoder_weight * dec
         loss = per_sample.mean()
         ratio = float(np.mean([t.trusted.float().mean().item() for t in targets]))
+        decoder_ratio = float(np.mean([self._decoder_trust(t).float().mean().item() for t in targets]))
         return loss, {"unsup": loss.item(), "unsup_head": float((head1 + head2).mean().item() / 2),
-                      "unsup_decoder": float(dec.mean().item()), "mask_ratio": ratio,
+                      "unsup_decoder": float(dec.mean().item()), "mask_ratio": ratio, "decoder_trust": decoder_ratio,
                       "cutmix": mixed / max(1, len(local))}
 
     def _unlabeled_case(self, pick: tuple[int, int]) -> UnlabeledCase:
@@ -338,9 +342,13 @@ class SemiSupStepper:
                 logits = self.adapter.decode(emb, tuple(t.pseudo.shape), p.box, p.positive, p.negative).logits
                 binary = with_background_logit(logits.float()[None, None])
                 channel = self.ctx.labels.index(label) + 1
-                terms.append(consistency_loss(binary, (t.pseudo == channel).long()[None], t.trusted[None]))
+                terms.append(consistency_loss(binary, (t.pseudo == channel).long()[None], self._decoder_trust(t)[None]))
             out.append(torch.stack(terms).mean())
         return torch.stack(out)
+
+    def _decoder_trust(self, t: Targets) -> torch.Tensor:
+        """The pixels the mask decoder's consistency uses (``SemiSupConfig.decoder_agreement``)."""
+        return t.agreed if self.cfg.decoder_agreement else t.trusted
 
     # -- teacher ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -354,6 +362,7 @@ class SemiSupStepper:
         for c, s in picks:
             by_case.setdefault(c, []).append(s)
         plans: dict[tuple[int, int], SlicePlan] = {}
+        coarse: dict[tuple[int, int], np.ndarray] = {}
         for c, slices in by_case.items():
             case = self.ctx.unlabeled[c]
             probs = stack_probabilities(coarse_head_of(teacher), self.adapter, case.session.embedding,
@@ -365,6 +374,7 @@ class SemiSupStepper:
             else:
                 found = box_slice_plans(probs, slices, config=cfg.train.pcsw, untrusted_floor=cfg.floor)
             plans.update({(c, s): plan for s, plan in found.items()})
+            coarse.update({(c, s): coarse_channels(probs, s, self.ctx.labels) for s in slices})
         if not self.teacher_points:
             plans = {key: boxes_only_plan(plan) for key, plan in plans.items()}
 
@@ -380,8 +390,23 @@ class SemiSupStepper:
                     decoded = self.adapter.decode(emb, (h, w), p.box, p.positive, p.negative)
                     logits[0, self.ctx.labels.index(label)] = decoded.logits.float()
                 pseudo, trusted = teacher_targets(logits, plan.untrusted, cfg.confidence)
-                out.append(Targets(pseudo, trusted, plan))
+                out.append(Targets(pseudo, trusted, plan, agreeing(pseudo, trusted, coarse[(c, s)])))
         return out
+
+
+def coarse_channels(probabilities: dict[int, np.ndarray], slice_index: int, labels: Sequence[int]) -> np.ndarray:
+    """The coarse head's answer on one slice as ``(H, W)`` int64 channel indices (0 = background,
+    ``c`` = ``labels[c - 1]``) from :func:`sss_lib.coarse_head.stack_probabilities`' class
+    probabilities (background = what the classes leave)."""
+    stack = np.stack([probabilities[label][slice_index] for label in labels])
+    background = 1.0 - stack.sum(axis=0, keepdims=True)
+    return np.concatenate([background, stack]).argmax(axis=0).astype(np.int64)
+
+
+def agreeing(pseudo: torch.Tensor, trusted: torch.Tensor, coarse: np.ndarray) -> torch.Tensor:
+    """The trusted pixels ``(H, W)`` where the coarse head's channel (:func:`coarse_channels`)
+    equals the pseudo-label's (``SemiSupConfig.decoder_agreement``)."""
+    return trusted & (pseudo == torch.from_numpy(np.asarray(coarse, np.int64)).to(pseudo.device))
 
 
 def boxes_only_plan(plan: SlicePlan) -> SlicePlan:
