@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--confidence", type=float, default=0.95, help="pseudo-label confidence threshold")
     ap.add_argument("--unsup-decoder-weight", type=float, default=1.0,
                     help="weight of the mask decoder's consistency term (0: the coarse head's alone)")
+    ap.add_argument("--lr-dfe", type=float, default=None, help="DFE's learning rate (default: the coarse head's)")
     ap.add_argument("--decoder-agreement", choices=["on", "off"], default="on",
                     help="decoder consistency only where the teacher's coarse head agrees (SemiSupConfig.decoder_agreement)")
     ap.add_argument("--seed", type=int, default=0, help="phantom seed (pool, validation and test cases)")
@@ -186,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default="ssl_cpu", help="results file name (benchmarks/results/NAME.json)")
     ap.add_argument("--merge", nargs="+", default=None, metavar="RESULTS_JSON",
                     help="train nothing: combine the runs of results files made with the same settings (e.g. "
-                         "by processes that ran different seeds or models side by side) into --name")
+                         "by processes that ran different seeds or models side by side) into --name; "
+                         "FILE:sup,nodfe takes only those models' runs from FILE")
     ap.add_argument("--embed-only", action="store_true", help="compute and save the embeddings, train nothing")
     ap.add_argument("--smoke", action="store_true", help="tiny settings: check that everything runs")
     ap.add_argument("--reuse", default=None, metavar="RESULTS_JSON",
@@ -257,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                             strong_views=args.strong_views, strong_view_seed=args.seed, dfe_width=args.dfe_width,
                             unsup_decoder_classes=args.unsup_decoder_classes, confidence=args.confidence,
                             unsup_decoder_weight=args.unsup_decoder_weight,
-                            decoder_agreement=args.decoder_agreement == "on", checkpoint_every=max(1, args.iterations), **overrides)
+                            decoder_agreement=args.decoder_agreement == "on", lr_dfe=args.lr_dfe, checkpoint_every=max(1, args.iterations), **overrides)
         reporter = ProgressReporter(cfg.total_steps, json_lines=False, console_view=False,
                                     history=run_dir / "history.jsonl")
         t0 = time.perf_counter()
@@ -284,18 +286,34 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    parts = [json.loads(Path(p).read_text()) for p in args.merge]
-    first = parts[0]["settings"]
-    for path, part in zip(args.merge, parts):
-        differ = [k for k in _MATTERS if k not in ("threads",) and _setting(part["settings"], k) != _setting(first, k)]
+    """One table from several results files. ``FILE:CONFIG,CONFIG`` takes only those models' runs
+    from FILE; a part that holds supervised-only runs alone need not agree on the settings that only
+    semi-supervised training reads (:data:`_SSL_ONLY`)."""
+    parts = []
+    for spec in args.merge:
+        path, _, only = spec.partition(":")
+        data = json.loads(Path(path).read_text())
+        keep = set(only.split(",")) if only else None
+        runs = [r for r in data["runs"] if keep is None or r["config"] in keep]
+        parts.append((spec, data, runs))
+    first_spec, first, _ = next(((sp, d["settings"], rs) for sp, d, rs in parts
+                                 if any(r["config"] != "sup" for r in rs)), (parts[0][0], parts[0][1]["settings"], None))
+    for spec, data, runs in parts:
+        supervised_only = all(r["config"] == "sup" for r in runs)
+        keys = [k for k in _MATTERS if k != "threads" and not (supervised_only and k in _SSL_ONLY)]
+        differ = [k for k in keys if _setting(data["settings"], k) != _setting(first, k)]
         if differ:
-            raise SystemExit(f"{path}: settings {differ} differ from {args.merge[0]}'s; cannot merge")
-    runs = [r for part in parts for r in part["runs"]]
+            raise SystemExit(f"{spec}: settings {differ} differ from {first_spec}'s; cannot merge")
+    runs = [r for _, _, rs in parts for r in rs]
+    seen = [(r["labeled"], r["config"], r.get("train_seed", first["seed"])) for r in runs]
+    twice = sorted({k for k in seen if seen.count(k) > 1})
+    if twice:
+        raise SystemExit(f"(labeled, model, seed) {twice} come from more than one file; pick with FILE:CONFIGS")
     seeds = sorted({r.get("train_seed", first["seed"]) for r in runs})
     merged = argparse.Namespace(**{**first, "name": args.name, "train_seeds": seeds,
                                    "labeled": sorted({r["labeled"] for r in runs})})
-    results = {"settings": vars(merged), "merged_from": [str(p) for p in args.merge],
-               "embed_seconds": max(p.get("embed_seconds", 0.0) for p in parts), "runs": runs}
+    results = {"settings": vars(merged), "merged_from": list(args.merge),
+               "embed_seconds": max(d.get("embed_seconds", 0.0) for _, d, _ in parts), "runs": runs}
     print(_write(results, merged, time.perf_counter()))
     return 0
 
@@ -324,9 +342,12 @@ def _reevaluate(args: argparse.Namespace, work: Path, test: Path, backbone, stor
 
 _MATTERS = ("pool_cases", "val_cases", "test_cases", "slices", "size", "iterations", "val_every", "labeled_batch",
             "decoder_batch", "unlabeled_batch", "strong_views", "unsup_decoder_classes", "dfe_width", "seed", "threads",
-            "confidence", "unsup_decoder_weight", "decoder_agreement")
+            "confidence", "unsup_decoder_weight", "decoder_agreement", "lr_dfe")
 #: Settings added after some results were written: their value in those results.
-_DEFAULTS = {"confidence": 0.95, "unsup_decoder_weight": 1.0, "decoder_agreement": "off"}
+#: Settings that supervised-only training does not read.
+_SSL_ONLY = ("unlabeled_batch", "strong_views", "unsup_decoder_classes", "dfe_width", "confidence",
+             "unsup_decoder_weight", "decoder_agreement", "lr_dfe")
+_DEFAULTS = {"confidence": 0.95, "unsup_decoder_weight": 1.0, "decoder_agreement": "off", "lr_dfe": None}
 
 
 def _setting(settings: dict, key: str):  # noqa: ANN202
@@ -381,7 +402,8 @@ def _save_embeddings(path: Path, store, strong_cache: dict, saved: int) -> int: 
 def _write(results: dict, args: argparse.Namespace, t_all: float) -> str:
     groups = _groups(results["runs"])
     rows = []
-    for (n_lab, key), runs in groups.items():
+    order = list(CONFIGS)
+    for (n_lab, key), runs in sorted(groups.items(), key=lambda item: (item[0][0], order.index(item[0][1]))):
         dice = [r["mean_dice"] for r in runs]
         hds = [r["mean_hd95_mm"] for r in runs if r["mean_hd95_mm"] is not None]
         spread = f" ± {np.std(dice):.3f}" if len(dice) > 1 else ""
@@ -438,7 +460,8 @@ def _describe(args: argparse.Namespace) -> str:
             f"decoder consistency on {args.unsup_decoder_classes} class(es) per slice; pseudo-label confidence "
             f"{getattr(args, 'confidence', 0.95)}, decoder consistency weight "
             f"{getattr(args, 'unsup_decoder_weight', 1.0)}, decoder consistency only where the coarse head agrees: "
-            f"{getattr(args, 'decoder_agreement', 'off')}; phantom seed {args.seed}, "
+            f"{getattr(args, 'decoder_agreement', 'off')}, DFE learning rate "
+            f"{getattr(args, 'lr_dfe', None) or 'as the coarse head'}; phantom seed {args.seed}, "
             f"training seed(s) {', '.join(map(str, getattr(args, 'train_seeds', None) or [args.seed]))}. "
             "Mean Dice: Auto-segment as shipped (box prompts for LiteMedSAM), mean over test cases and classes, "
             "then over training seeds (± standard deviation over seeds); 'with points': the same with PCSW's "
