@@ -42,7 +42,7 @@ CONFIGS = {
     "sup": ("supervised only", dict(consistency=False)),
     "nodfe": ("consistency, no DFE", dict(use_dfe=False)),
     "full": ("full SSS (DFE + PCSW)", dict()),
-    "full_gain0": ("full SSS, DFE gain from 0", dict(dfe_zero_init_gain=True)),
+    "full_formula": ("full SSS, DFE as specified (no gain, head's rate)", dict(dfe_zero_init_gain=False, lr_dfe=None)),
 }
 
 
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--confidence", type=float, default=0.95, help="pseudo-label confidence threshold")
     ap.add_argument("--unsup-decoder-weight", type=float, default=1.0,
                     help="weight of the mask decoder's consistency term (0: the coarse head's alone)")
-    ap.add_argument("--lr-dfe", type=float, default=None, help="DFE's learning rate (default: the coarse head's)")
+    ap.add_argument("--lr-dfe", type=float, default=None, help="DFE's learning rate (default: the trainer's)")
     ap.add_argument("--decoder-agreement", choices=["on", "off"], default="on",
                     help="decoder consistency only where the teacher's coarse head agrees (SemiSupConfig.decoder_agreement)")
     ap.add_argument("--seed", type=int, default=0, help="phantom seed (pool, validation and test cases)")
@@ -215,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     from sss_lib.trainer.semisup_config import SemiSupConfig
     from sss_lib.trainer.semisup_loop import run_training
 
+    defaults = SemiSupConfig(train=TrainConfig(Path("."), Path("unused.ssstask")), run_dir=Path("."))
+    args.lr_dfe = args.lr_dfe if args.lr_dfe is not None else defaults.dfe_lr  # a number in the results file
+    args.dfe_zero_init_gain = defaults.dfe_zero_init_gain  # the "full" model's
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="sss_bench_ssl_"))
     t_all = time.perf_counter()
     pool, test = make_pool(work, args.pool_cases, args.val_cases, args.test_cases, args.slices, args.size, args.seed)
@@ -255,11 +258,12 @@ def main(argv: list[str] | None = None) -> int:
                             val_cases=tuple(val_ids), iterations=args.iterations, seed=train_seed,
                             head_batch=args.labeled_batch, decoder_batch=args.decoder_batch,
                             val_every=args.val_every or max(1, args.iterations // 2))
-        cfg = SemiSupConfig(train=train, run_dir=run_dir, unlabeled=unl, unlabeled_batch=args.unlabeled_batch,
-                            strong_views=args.strong_views, strong_view_seed=args.seed, dfe_width=args.dfe_width,
-                            unsup_decoder_classes=args.unsup_decoder_classes, confidence=args.confidence,
-                            unsup_decoder_weight=args.unsup_decoder_weight,
-                            decoder_agreement=args.decoder_agreement == "on", lr_dfe=args.lr_dfe, checkpoint_every=max(1, args.iterations), **overrides)
+        settings = dict(unlabeled_batch=args.unlabeled_batch, strong_views=args.strong_views,
+                        strong_view_seed=args.seed, dfe_width=args.dfe_width,
+                        unsup_decoder_classes=args.unsup_decoder_classes, confidence=args.confidence,
+                        unsup_decoder_weight=args.unsup_decoder_weight, decoder_agreement=args.decoder_agreement == "on",
+                        lr_dfe=args.lr_dfe, checkpoint_every=max(1, args.iterations))
+        cfg = SemiSupConfig(train=train, run_dir=run_dir, unlabeled=unl, **{**settings, **overrides})
         reporter = ProgressReporter(cfg.total_steps, json_lines=False, console_view=False,
                                     history=run_dir / "history.jsonl")
         t0 = time.perf_counter()
@@ -296,11 +300,15 @@ def _merge(args: argparse.Namespace) -> int:
         keep = set(only.split(",")) if only else None
         runs = [r for r in data["runs"] if keep is None or r["config"] in keep]
         parts.append((spec, data, runs))
-    first_spec, first, _ = next(((sp, d["settings"], rs) for sp, d, rs in parts
-                                 if any(r["config"] != "sup" for r in rs)), (parts[0][0], parts[0][1]["settings"], None))
+    # The reference settings: those of a file with DFE runs if any, else with consistency runs.
+    ranked = sorted(parts, key=lambda part: (not any(r["config"].startswith("full") for r in part[2]),
+                                             all(r["config"] == "sup" for r in part[2])))
+    first_spec, first = ranked[0][0], ranked[0][1]["settings"]
     for spec, data, runs in parts:
         supervised_only = all(r["config"] == "sup" for r in runs)
-        keys = [k for k in _MATTERS if k != "threads" and not (supervised_only and k in _SSL_ONLY)]
+        without_dfe = all(r["config"] in ("sup", "nodfe") for r in runs)
+        keys = [k for k in _MATTERS if k != "threads" and not (supervised_only and k in _SSL_ONLY)
+                and not (without_dfe and k in _DFE_ONLY)]
         differ = [k for k in keys if _setting(data["settings"], k) != _setting(first, k)]
         if differ:
             raise SystemExit(f"{spec}: settings {differ} differ from {first_spec}'s; cannot merge")
@@ -342,12 +350,15 @@ def _reevaluate(args: argparse.Namespace, work: Path, test: Path, backbone, stor
 
 _MATTERS = ("pool_cases", "val_cases", "test_cases", "slices", "size", "iterations", "val_every", "labeled_batch",
             "decoder_batch", "unlabeled_batch", "strong_views", "unsup_decoder_classes", "dfe_width", "seed", "threads",
-            "confidence", "unsup_decoder_weight", "decoder_agreement", "lr_dfe")
+            "confidence", "unsup_decoder_weight", "decoder_agreement", "lr_dfe", "dfe_zero_init_gain")
 #: Settings added after some results were written: their value in those results.
 #: Settings that supervised-only training does not read.
 _SSL_ONLY = ("unlabeled_batch", "strong_views", "unsup_decoder_classes", "dfe_width", "confidence",
-             "unsup_decoder_weight", "decoder_agreement", "lr_dfe")
-_DEFAULTS = {"confidence": 0.95, "unsup_decoder_weight": 1.0, "decoder_agreement": "off", "lr_dfe": None}
+             "unsup_decoder_weight", "decoder_agreement", "lr_dfe", "dfe_zero_init_gain")
+#: Settings that only the models with DFE read.
+_DFE_ONLY = ("dfe_width", "lr_dfe", "dfe_zero_init_gain")
+_DEFAULTS = {"confidence": 0.95, "unsup_decoder_weight": 1.0, "decoder_agreement": "off", "lr_dfe": None,
+             "dfe_zero_init_gain": False}
 
 
 def _setting(settings: dict, key: str):  # noqa: ANN202
@@ -403,7 +414,8 @@ def _write(results: dict, args: argparse.Namespace, t_all: float) -> str:
     groups = _groups(results["runs"])
     rows = []
     order = list(CONFIGS)
-    for (n_lab, key), runs in sorted(groups.items(), key=lambda item: (item[0][0], order.index(item[0][1]))):
+    rank = lambda key: order.index(key) if key in order else len(order)  # noqa: E731 - older files name others
+    for (n_lab, key), runs in sorted(groups.items(), key=lambda item: (item[0][0], rank(item[0][1]))):
         dice = [r["mean_dice"] for r in runs]
         hds = [r["mean_hd95_mm"] for r in runs if r["mean_hd95_mm"] is not None]
         spread = f" ± {np.std(dice):.3f}" if len(dice) > 1 else ""
@@ -461,7 +473,8 @@ def _describe(args: argparse.Namespace) -> str:
             f"{getattr(args, 'confidence', 0.95)}, decoder consistency weight "
             f"{getattr(args, 'unsup_decoder_weight', 1.0)}, decoder consistency only where the coarse head agrees: "
             f"{getattr(args, 'decoder_agreement', 'off')}, DFE learning rate "
-            f"{getattr(args, 'lr_dfe', None) or 'as the coarse head'}; phantom seed {args.seed}, "
+            f"{getattr(args, 'lr_dfe', None) or 'as the coarse head'}, DFE gain from 0 (full SSS): "
+            f"{'on' if getattr(args, 'dfe_zero_init_gain', False) else 'off'}; phantom seed {args.seed}, "
             f"training seed(s) {', '.join(map(str, getattr(args, 'train_seeds', None) or [args.seed]))}. "
             "Mean Dice: Auto-segment as shipped (box prompts for LiteMedSAM), mean over test cases and classes, "
             "then over training seeds (± standard deviation over seeds); 'with points': the same with PCSW's "

@@ -99,9 +99,10 @@ class DFE(nn.Module):
         width: the common width D (None: ``max(in_channels)``; the paper uses 256).
         shared: True shares the Conv3x3 and the MLP across scales (what the common width is
             for); False gives each scale its own (still at width D).
-        zero_init_gain: **(ours, off by default)** multiply each scale's enhancement by a
-            learnable scalar that starts at 0, so a pretrained decoder sees unchanged features at
-            the first step. Off, the module is exactly the formula of the module docstring.
+        zero_init_gain: **(ours)** multiply each scale's enhancement by a learnable scalar that
+            starts at 0, so a pretrained decoder sees unchanged features at the first step (the
+            trainer's default, ``SemiSupConfig.dfe_zero_init_gain``). Off (this class's default),
+            the module is exactly the formula of the module docstring.
     """
 
     def __init__(self, in_channels: Sequence[int], width: int | None = None, *, shared: bool = True,

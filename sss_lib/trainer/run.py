@@ -79,7 +79,7 @@ def add_train_arguments(tr: argparse.ArgumentParser) -> None:
     tr.add_argument("--unlabeled-batch", type=int, default=4, help="unlabeled slices per step (default: 4)")
     tr.add_argument("--lr-head", type=float, default=5e-3, help="coarse-head learning rate (default: 5e-3)")
     tr.add_argument("--lr-decoder", type=float, default=1e-4, help="decoder learning rate (default: 1e-4)")
-    tr.add_argument("--lr-dfe", type=float, default=None, help="DFE learning rate (default: --lr-head)")
+    tr.add_argument("--lr-dfe", type=float, default=None, help="DFE learning rate (default: a tenth of --lr-head)")
     tr.add_argument("--head-only", action="store_true", help="train the coarse head only, keep the decoder")
     tr.add_argument("--val-every", type=int, default=None, help="validate every N steps (default: 4 times)")
     tr.add_argument("--checkpoint-every", type=int, default=50, help="checkpoint every N steps (default: 50)")
@@ -93,8 +93,9 @@ def add_train_arguments(tr: argparse.ArgumentParser) -> None:
     tr.add_argument("--no-decoder-agreement", action="store_true",
                     help="the decoder's consistency also on trusted pixels where the teacher's coarse head disagrees "
                          "with the pseudo-label (default: only where they agree)")
-    tr.add_argument("--dfe-zero-init-gain", action="store_true",
-                    help="start DFE's enhancement at 0 through a learned gain (default: off, the formula as specified)")
+    tr.add_argument("--dfe-zero-init-gain", action=argparse.BooleanOptionalAction, default=True,
+                    help="start DFE's enhancement at 0 through a learned gain (default: on; "
+                         "--no-dfe-zero-init-gain: the formula as specified)")
     tr.add_argument("--cutmix-p", type=float, default=0.5, help="CutMix probability (default: 0.5)")
     tr.add_argument("--dfe-width", type=int, default=None, help="DFE common width (default: widest feature scale)")
     tr.add_argument("--unsup-head-weight", type=float, default=1.0,

@@ -156,7 +156,7 @@ class SemiSupStepper:
             p.requires_grad_(True)
         groups = [{"params": list(student["coarse_head"].parameters()), "lr": cfg.train.lr_head}]
         if "dfe" in student:
-            groups.append({"params": list(student["dfe"].parameters()), "lr": cfg.lr_dfe or cfg.train.lr_head})
+            groups.append({"params": list(student["dfe"].parameters()), "lr": cfg.dfe_lr})
         if decoder_params:
             groups.append({"params": decoder_params, "lr": cfg.train.lr_decoder})
         self.params = [p for g in groups for p in g["params"]]
