@@ -116,6 +116,11 @@ def test_ssl_steps_are_finite_and_the_unsupervised_loss_starts_after_warmup(data
     assert model.training.n_unlabeled == 2 and "semi-supervised (DFE on, PCSW on)" in model.training.notes
     assert (tmp_path / "run" / "curves.png").stat().st_size > 0
     assert (tmp_path / "run" / "config.json").is_file()
+    # The optimiser's groups: coarse head, DFE (a tenth of the head's rate by default), decoder.
+    import torch
+
+    groups = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)["optimizer"]["param_groups"]
+    assert groups[1]["lr"] == pytest.approx(0.1 * groups[0]["lr"])
 
 
 def test_ablations(data, backbone, tmp_path, monkeypatch):
@@ -275,6 +280,24 @@ def test_config_round_trips_through_the_run_folder_json(tmp_path):
     assert back.total_steps == 77 and back.warmup == 9 and back.rampup == round(0.2 * 77) and back.floor == 0.2
     with pytest.raises(InputError, match="confidence"):
         SemiSupConfig(train=train_cfg, run_dir=tmp_path, confidence=1.5)
+
+
+def test_dfe_and_agreement_defaults_and_their_command_line_switches(tmp_path):
+    """The defaults the benchmark chose (DFE gain from 0 at a tenth of the head's rate, decoder
+    agreement on) and the options that turn each back."""
+    import argparse
+
+    from sss_lib.trainer.run import add_train_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    base = ["--labeled", str(tmp_path / "lab"), "--run-dir", str(tmp_path / "run"), "--lr-head", "0.002"]
+    cfg = config_from_args(parser.parse_args(base))
+    assert cfg.dfe_zero_init_gain and cfg.decoder_agreement and cfg.lr_dfe is None
+    assert cfg.dfe_lr == pytest.approx(0.0002)
+    spec = config_from_args(parser.parse_args(base + ["--no-dfe-zero-init-gain", "--no-decoder-agreement",
+                                                      "--lr-dfe", "0.002"]))
+    assert not spec.dfe_zero_init_gain and not spec.decoder_agreement and spec.dfe_lr == pytest.approx(0.002)
 
 
 def test_consistency_dice_leaves_classes_the_slice_does_not_show_alone():
