@@ -258,12 +258,13 @@ def main(argv: list[str] | None = None) -> int:
                             val_cases=tuple(val_ids), iterations=args.iterations, seed=train_seed,
                             head_batch=args.labeled_batch, decoder_batch=args.decoder_batch,
                             val_every=args.val_every or max(1, args.iterations // 2))
-        settings = dict(unlabeled_batch=args.unlabeled_batch, strong_views=args.strong_views,
-                        strong_view_seed=args.seed, dfe_width=args.dfe_width,
-                        unsup_decoder_classes=args.unsup_decoder_classes, confidence=args.confidence,
-                        unsup_decoder_weight=args.unsup_decoder_weight, decoder_agreement=args.decoder_agreement == "on",
-                        lr_dfe=args.lr_dfe, checkpoint_every=max(1, args.iterations))
-        cfg = SemiSupConfig(train=train, run_dir=run_dir, unlabeled=unl, **{**settings, **overrides})
+        ssl_settings = dict(unlabeled_batch=args.unlabeled_batch, strong_views=args.strong_views,
+                            strong_view_seed=args.seed, dfe_width=args.dfe_width,
+                            unsup_decoder_classes=args.unsup_decoder_classes, confidence=args.confidence,
+                            unsup_decoder_weight=args.unsup_decoder_weight,
+                            decoder_agreement=args.decoder_agreement == "on", lr_dfe=args.lr_dfe,
+                            checkpoint_every=max(1, args.iterations))
+        cfg = SemiSupConfig(train=train, run_dir=run_dir, unlabeled=unl, **{**ssl_settings, **overrides})
         reporter = ProgressReporter(cfg.total_steps, json_lines=False, console_view=False,
                                     history=run_dir / "history.jsonl")
         t0 = time.perf_counter()
