@@ -278,6 +278,12 @@ def test_config_round_trips_through_the_run_folder_json(tmp_path):
     back = SemiSupConfig.from_run_config(RunConfig.load(path.parent), path)
     assert back == cfg
     assert back.total_steps == 77 and back.warmup == 9 and back.rampup == round(0.2 * 77) and back.floor == 0.2
+    # A run started by the previous version resumes with that version's settings.
+    older = {k: v for k, v in cfg.to_dict().items() if k != "decoder_agreement"}
+    older.update(schema="sss.semisup-config/1", lr_dfe=None)
+    old = SemiSupConfig.from_dict(older)
+    assert not old.decoder_agreement and old.dfe_lr == train_cfg.lr_head
+    assert cfg.decoder_agreement and cfg.dfe_lr == pytest.approx(0.1 * train_cfg.lr_head)
     with pytest.raises(InputError, match="confidence"):
         SemiSupConfig(train=train_cfg, run_dir=tmp_path, confidence=1.5)
 
