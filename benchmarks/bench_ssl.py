@@ -352,12 +352,12 @@ def _reevaluate(args: argparse.Namespace, work: Path, test: Path, backbone, stor
 _MATTERS = ("pool_cases", "val_cases", "test_cases", "slices", "size", "iterations", "val_every", "labeled_batch",
             "decoder_batch", "unlabeled_batch", "strong_views", "unsup_decoder_classes", "dfe_width", "seed", "threads",
             "confidence", "unsup_decoder_weight", "decoder_agreement", "lr_dfe", "dfe_zero_init_gain")
-#: Settings added after some results were written: their value in those results.
 #: Settings that supervised-only training does not read.
 _SSL_ONLY = ("unlabeled_batch", "strong_views", "unsup_decoder_classes", "dfe_width", "confidence",
              "unsup_decoder_weight", "decoder_agreement", "lr_dfe", "dfe_zero_init_gain")
 #: Settings that only the models with DFE read.
 _DFE_ONLY = ("dfe_width", "lr_dfe", "dfe_zero_init_gain")
+#: Settings added after some results were written: their value in those results.
 _DEFAULTS = {"confidence": 0.95, "unsup_decoder_weight": 1.0, "decoder_agreement": "off", "lr_dfe": None,
              "dfe_zero_init_gain": False}
 

@@ -71,14 +71,15 @@ class Targets:
     """The teacher's answer for one unlabeled slice (slice grid ``(H, W)``).
 
     ``pseudo``: long channel index (0 = background, ``c`` = the c-th class); ``trusted``: bool;
-    ``agreed``: the trusted pixels where the teacher's coarse head agrees with ``pseudo``
-    (``SemiSupConfig.decoder_agreement``).
+    ``decoder_trusted``: the pixels the mask decoder's consistency uses: ``trusted``, or with
+    ``SemiSupConfig.decoder_agreement`` those of them where the teacher's coarse head agrees with
+    ``pseudo``.
     """
 
     pseudo: torch.Tensor
     trusted: torch.Tensor
     plan: SlicePlan
-    agreed: torch.Tensor
+    decoder_trusted: torch.Tensor
 
 
 class UnlabeledOrder:
@@ -301,7 +302,7 @@ class SemiSupStepper:
         per_sample = cfg.unsup_head_weight * (head1 + head2) / 2 + cfg.unsup_decoder_weight * dec
         loss = per_sample.mean()
         ratio = float(np.mean([t.trusted.float().mean().item() for t in targets]))
-        decoder_ratio = float(np.mean([self._decoder_trust(t).float().mean().item() for t in targets]))
+        decoder_ratio = float(np.mean([t.decoder_trusted.float().mean().item() for t in targets]))
         return loss, {"unsup": loss.item(), "unsup_head": float((head1 + head2).mean().item() / 2),
                       "unsup_decoder": float(dec.mean().item()), "mask_ratio": ratio, "decoder_trust": decoder_ratio,
                       "cutmix": mixed / max(1, len(local))}
@@ -342,13 +343,9 @@ class SemiSupStepper:
                 logits = self.adapter.decode(emb, tuple(t.pseudo.shape), p.box, p.positive, p.negative).logits
                 binary = with_background_logit(logits.float()[None, None])
                 channel = self.ctx.labels.index(label) + 1
-                terms.append(consistency_loss(binary, (t.pseudo == channel).long()[None], self._decoder_trust(t)[None]))
+                terms.append(consistency_loss(binary, (t.pseudo == channel).long()[None], t.decoder_trusted[None]))
             out.append(torch.stack(terms).mean())
         return torch.stack(out)
-
-    def _decoder_trust(self, t: Targets) -> torch.Tensor:
-        """The pixels the mask decoder's consistency uses (``SemiSupConfig.decoder_agreement``)."""
-        return t.agreed if self.cfg.decoder_agreement else t.trusted
 
     # -- teacher ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -374,7 +371,8 @@ class SemiSupStepper:
             else:
                 found = box_slice_plans(probs, slices, config=cfg.train.pcsw, untrusted_floor=cfg.floor)
             plans.update({(c, s): plan for s, plan in found.items()})
-            coarse.update({(c, s): coarse_channels(probs, s, self.ctx.labels) for s in slices})
+            if cfg.decoder_agreement:
+                coarse.update({(c, s): coarse_channels(probs, s, self.ctx.labels) for s in slices})
         if not self.teacher_points:
             plans = {key: boxes_only_plan(plan) for key, plan in plans.items()}
 
@@ -390,7 +388,8 @@ class SemiSupStepper:
                     decoded = self.adapter.decode(emb, (h, w), p.box, p.positive, p.negative)
                     logits[0, self.ctx.labels.index(label)] = decoded.logits.float()
                 pseudo, trusted = teacher_targets(logits, plan.untrusted, cfg.confidence)
-                out.append(Targets(pseudo, trusted, plan, agreeing(pseudo, trusted, coarse[(c, s)])))
+                decoder_trusted = agreeing(pseudo, trusted, coarse[(c, s)]) if cfg.decoder_agreement else trusted
+                out.append(Targets(pseudo, trusted, plan, decoder_trusted))
         return out
 
 
