@@ -20,5 +20,5 @@ pip=("$venv/bin/python" -m pip)
 "${pip[@]}" install -q "torch==2.14.1" "torchvision==0.29.1"
 # sam2 compiles an optional CUDA extension; we build it without (its Python fallback is used).
 SAM2_BUILD_CUDA=0 "${pip[@]}" install -q --no-build-isolation "sam2==1.1.0"
-"${pip[@]}" install -q -e "$root[models,test]"
+"${pip[@]}" install -q -e "$root[models,server,test]"
 echo "$want" > "$stamp"
