@@ -133,6 +133,8 @@ def decode_arrays(data: bytes) -> Dict[str, np.ndarray]:
     Raises:
         ProtocolError: the bytes are not an npz file, or one of its arrays needs pickle.
     """
+    if not data.startswith(b"PK"):  # np.load would try to unpickle anything that is not a zip
+        raise ProtocolError("not a valid npz file (send numpy.savez_compressed output)")
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             return {name: npz[name] for name in npz.files}
