@@ -7,8 +7,15 @@ class is scored per case with :func:`sss_lib.metrics.compute_metrics` (Dice, Jac
 ASSD; distances in mm from the ground truth's voxel spacing; empty masks get the values tabulated
 in :mod:`sss_lib.metrics`).
 
+A class that is in neither the prediction nor the ground truth of a case is *absent in both*: its
+row is kept (flagged), but it is not averaged in as Dice 1; every per-class mean leaves it out and
+counts it (``n_absent``), the tables say so in a note, and :meth:`EvaluationReport.mean_dice`
+averages only the cases where the class was in the prediction or the truth.
+
 Outputs written to ``out_dir``: ``metrics.csv`` (one row per case and class; NaN written as
-``nan``) and ``metrics.json`` (labels, per-case values, per-class mean/std/n/n_nan; NaN as null).
+``nan``; column ``absent_in_both``) and ``metrics.json`` (labels, per-case values with a flag
+``absent``, per-class mean/std/n/n_nan/n_absent, the list of absent-in-both pairs and a
+note; NaN as null).
 """
 
 from __future__ import annotations
@@ -115,9 +122,26 @@ class EvaluationReport:
         return self.accumulator.summary()
 
     def mean_dice(self) -> float:
-        """Mean over classes of the per-class mean Dice (NaN when nothing was scored)."""
+        """Mean over classes of the per-class mean Dice (NaN when nothing was scored); cases where
+        a class is absent from both prediction and truth are not in its mean."""
         means = [s["dice"].mean for s in self.summary().values() if s["dice"].n]
         return float(np.mean(means)) if means else math.nan
+
+    def absent_in_both(self) -> list[tuple[str, int]]:
+        """(case, label) pairs where the class is in neither prediction nor ground truth."""
+        return self.accumulator.absent()
+
+    def absent_note(self) -> str:
+        """One sentence on the absent-in-both cases ("" when there are none)."""
+        pairs = self.absent_in_both()
+        if not pairs:
+            return ""
+        per: dict[int, int] = {}
+        for _, lbl in pairs:
+            per[lbl] = per.get(lbl, 0) + 1
+        listing = ", ".join(f"{self.labels.get(lbl, str(lbl))} in {n} case(s)" for lbl, n in sorted(per.items()))
+        return (f"absent from both prediction and ground truth: {listing}; these are reported apart and "
+                "not averaged (not counted as Dice 1).")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -128,6 +152,8 @@ class EvaluationReport:
                 for lbl, per in self.summary().items()
             },
             "mean_dice": _json_number(self.mean_dice()),
+            "absent_in_both": [{"case": c, "label": lbl} for c, lbl in self.absent_in_both()],
+            "absent_note": self.absent_note() or None,
             "missing_predictions": list(self.missing),
             "unmatched_predictions": list(self.unmatched),
         }
@@ -137,13 +163,17 @@ class EvaluationReport:
         body = []
         for r in self.rows():
             case = r["case"] + (" (missing)" if r["case"] in self.missing else "")
+            if r["absent"]:
+                body.append([case, r["name"]] + ["absent"] * len(_TABLE))
+                continue
             body.append([case, r["name"]] + [_fmt(r[m]) for m, _ in _TABLE])
         for lbl, per in self.summary().items():
             cells = []
             for m, _ in _TABLE:
                 s = per[m]
                 cell = f"{_fmt(s.mean)} ± {_fmt(s.std)}"
-                cells.append(cell + (f" ({s.n_nan} NaN)" if s.n_nan else ""))
+                notes = ([f"{s.n_nan} NaN"] if s.n_nan else []) + ([f"{s.n_absent} absent"] if s.n_absent else [])
+                cells.append(cell + (f" ({', '.join(notes)})" if notes else ""))
             body.append(["mean", self.labels.get(lbl, str(lbl))] + cells)
         return header, body
 
@@ -151,7 +181,8 @@ class EvaluationReport:
         header, body = self._table()
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in body]
-        return "\n".join(lines) + "\n"
+        note = self.absent_note()
+        return "\n".join(lines) + "\n" + (f"\nNote: {note}\n" if note else "")
 
     def to_text(self) -> str:
         header, body = self._table()
@@ -162,8 +193,9 @@ class EvaluationReport:
 
         rule = "-" * len(line(header))
         n_cases = len(body) - len(self.summary())
+        note = self.absent_note()
         return "\n".join([line(header), rule] + [line(r) for r in body[:n_cases]] + [rule]
-                         + [line(r) for r in body[n_cases:]]) + "\n"
+                         + [line(r) for r in body[n_cases:]] + ([f"note: {note}"] if note else [])) + "\n"
 
     def write(self, out_dir: str | Path) -> dict[str, Path]:
         """Write ``metrics.csv`` and ``metrics.json`` into ``out_dir`` (created if needed)."""
@@ -172,10 +204,10 @@ class EvaluationReport:
         csv_path, json_path = out / "metrics.csv", out / "metrics.json"
         with csv_path.open("w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["case", "label", "name", *REPORT_METRICS, "missing_prediction"])
+            writer.writerow(["case", "label", "name", *REPORT_METRICS, "missing_prediction", "absent_in_both"])
             for r in self.rows():
                 writer.writerow([r["case"], r["label"], r["name"], *(repr(float(r[m])) for m in REPORT_METRICS),
-                                 int(r["case"] in self.missing)])
+                                 int(r["case"] in self.missing), int(bool(r["absent"]))])
         json_path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
         self.written = {"csv": csv_path, "json": json_path}
         return self.written
@@ -249,7 +281,8 @@ def evaluate_folders(
         for lbl in labels:
             gt_mask = gt.voxels == lbl
             pred_mask = pred.voxels == lbl if pred is not None else np.zeros_like(gt_mask)
-            acc.add(name, lbl, compute_metrics(pred_mask, gt_mask, spacing))
+            acc.add(name, lbl, compute_metrics(pred_mask, gt_mask, spacing),
+                    absent=not (gt_mask.any() or pred_mask.any()))
         log.debug("scored case %s", name)
         if progress is not None:
             progress(done, len(pairs), name)

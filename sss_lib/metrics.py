@@ -30,6 +30,12 @@ A distance to nothing is undefined, so it is NaN, as in MONAI and Metrics Reload
 missed structure is visible as ``n_nan`` instead of silently scoring 0 mm (SSL4MIS's
 ``calculate_metric_percase`` returns HD95 = 0 for an empty prediction, which flatters HD95).
 
+A class absent from *both* masks of a case (the first row of the table) says nothing about the
+segmentation: the single-case functions state Dice 1 for it, but :class:`MetricAccumulator`
+records it as *absent in both*, leaves it out of every mean and standard deviation and counts it
+as ``n_absent``, so a class that most cases lack cannot be lifted towards 1 by the cases where
+nothing was there to find.
+
 Shapes: masks are arrays of any dimension (3D volumes in practice, ``[k, j, i]`` for
 :class:`sss_lib.volume.Volume` voxels); nonzero means foreground. ``spacing`` is the voxel size in
 mm **per array axis, in the array's axis order** (for a ``[k, j, i]`` array pass
@@ -194,22 +200,26 @@ def compute_metrics(
 class MetricSummary:
     """Mean and population standard deviation (ddof=0) over the non-NaN values.
 
-    ``n`` counts the values used, ``n_nan`` the NaN values left out; mean and std are NaN when
-    ``n == 0``.
+    ``n`` counts the values used, ``n_nan`` the NaN values left out, ``n_absent`` the cases left
+    out because the class was absent from both prediction and ground truth; mean and std are NaN
+    when ``n == 0``.
     """
 
     mean: float
     std: float
     n: int
     n_nan: int
+    n_absent: int = 0
 
     @classmethod
-    def of(cls, values: Iterable[float]) -> "MetricSummary":
+    def of(cls, values: Iterable[float], *, n_absent: int = 0) -> "MetricSummary":
+        """Summary of ``values`` (the absent-in-both cases already left out; their count is
+        ``n_absent``)."""
         arr = np.asarray(list(values), dtype=float)
         ok = arr[~np.isnan(arr)]
         if ok.size == 0:
-            return cls(math.nan, math.nan, 0, int(arr.size))
-        return cls(float(ok.mean()), float(ok.std()), int(ok.size), int(arr.size - ok.size))
+            return cls(math.nan, math.nan, 0, int(arr.size), int(n_absent))
+        return cls(float(ok.mean()), float(ok.std()), int(ok.size), int(arr.size - ok.size), int(n_absent))
 
 
 class MetricAccumulator:
@@ -225,9 +235,14 @@ class MetricAccumulator:
     def __init__(self, metrics: Sequence[str] = METRIC_NAMES) -> None:
         self.metrics = tuple(metrics)
         self._values: dict[tuple[str, int], dict[str, float]] = {}
+        self._absent: set[tuple[str, int]] = set()
 
-    def add(self, case: str, label: int, values: Mapping[str, float]) -> None:
-        """Record the values of one case and class; every name in ``self.metrics`` is required."""
+    def add(self, case: str, label: int, values: Mapping[str, float], *, absent: bool = False) -> None:
+        """Record the values of one case and class; every name in ``self.metrics`` is required.
+
+        ``absent``: the class is in neither the prediction nor the ground truth of this case; the
+        values are kept in :meth:`rows` but left out of :meth:`summary` (counted as ``n_absent``).
+        """
         key = (str(case), int(label))
         if key in self._values:
             raise ValueError(f"case {case!r} class {label} was already added")
@@ -235,6 +250,8 @@ class MetricAccumulator:
         if missing:
             raise ValueError(f"values for case {case!r} class {label} lack {missing}")
         self._values[key] = {m: float(values[m]) for m in self.metrics}
+        if absent:
+            self._absent.add(key)
 
     def add_masks(
         self,
@@ -246,7 +263,7 @@ class MetricAccumulator:
     ) -> dict[str, float]:
         """Compute (see :func:`compute_metrics`), record and return the values of one case/class."""
         values = compute_metrics(pred, gt, spacing)
-        self.add(case, label, values)
+        self.add(case, label, values, absent=not (np.any(pred) or np.any(gt)))
         return {m: values[m] for m in self.metrics}
 
     @property
@@ -260,18 +277,31 @@ class MetricAccumulator:
     def value(self, case: str, label: int) -> dict[str, float]:
         return dict(self._values[(str(case), int(label))])
 
+    def is_absent(self, case: str, label: int) -> bool:
+        """True when the class was recorded as absent from both prediction and ground truth."""
+        return (str(case), int(label)) in self._absent
+
+    def absent(self) -> list[tuple[str, int]]:
+        """The (case, label) pairs absent from both prediction and ground truth, sorted."""
+        return sorted(self._absent)
+
     def rows(self) -> list[dict[str, object]]:
-        """One dict per (case, label), sorted: ``{"case", "label", <metric>: value, ...}``."""
+        """One dict per (case, label), sorted: ``{"case", "label", <metric>: value, ...,
+        "absent": bool}`` (``absent``: in neither prediction nor ground truth)."""
         return [
-            {"case": c, "label": lbl, **vals} for (c, lbl), vals in sorted(self._values.items())
+            {"case": c, "label": lbl, **vals, "absent": (c, lbl) in self._absent}
+            for (c, lbl), vals in sorted(self._values.items())
         ]
 
     def summary(self) -> dict[int, dict[str, MetricSummary]]:
-        """Per class label, per metric: :class:`MetricSummary` over the cases (NaN left out)."""
+        """Per class label, per metric: :class:`MetricSummary` over the cases (NaN left out and
+        counted; cases where the class is absent from both masks left out and counted)."""
         out: dict[int, dict[str, MetricSummary]] = {}
         for lbl in self.labels:
-            per = [v for (_, l2), v in self._values.items() if l2 == lbl]
-            out[lbl] = {m: MetricSummary.of(v[m] for v in per) for m in self.metrics}
+            keys = [k for k in self._values if k[1] == lbl]
+            per = [self._values[k] for k in keys if k not in self._absent]
+            n_absent = len(keys) - len(per)
+            out[lbl] = {m: MetricSummary.of((v[m] for v in per), n_absent=n_absent) for m in self.metrics}
         return out
 
     def __len__(self) -> int:

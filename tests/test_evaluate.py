@@ -152,3 +152,45 @@ def test_unreadable_label_file_names_the_file(folders) -> None:
     (gt_dir / "case_a.nii.gz").write_bytes(b"not a nifti file")
     with pytest.raises(InputError, match="case_a.nii.gz"):
         evaluate_folders(pred_dir, gt_dir, labels={1: "box"})
+
+
+def test_class_absent_from_both_is_reported_apart_not_averaged_as_one(tmp_path: Path) -> None:
+    # Class 2 is in case_a (predicted at Dice 0.5) and in neither truth nor prediction of case_b.
+    # Averaged in as Dice 1 it would read 0.75; it must read 0.5, with case_b counted apart.
+    gt_a, pred_a = _labels(), _labels()
+    pred_a[2:6, 8:11, 9:11] = 0  # half of class 2's columns missed
+    gt_b = _labels()
+    gt_b[gt_b == 2] = 0
+    _write(tmp_path / "gt" / "case_a.nii.gz", gt_a)
+    _write(tmp_path / "pred" / "case_a.nii.gz", pred_a)
+    _write(tmp_path / "gt" / "case_b.nii.gz", gt_b)
+    _write(tmp_path / "pred" / "case_b.nii.gz", gt_b)
+    out = tmp_path / "eval"
+    report = evaluate_folders(tmp_path / "pred", tmp_path / "gt", labels={1: "box", 2: "slab"}, out_dir=out)
+
+    a2 = report.accumulator.value("case_a", 2)["dice"]
+    assert a2 == pytest.approx(medpy_binary.dc(pred_a == 2, gt_a == 2)) and a2 < 0.9
+    s2 = report.summary()[2]["dice"]
+    assert s2.mean == pytest.approx(a2) and (s2.n, s2.n_absent) == (1, 1)
+    assert report.summary()[1]["dice"].n_absent == 0
+    assert report.absent_in_both() == [("case_b", 2)]
+    assert report.mean_dice() == pytest.approx((1.0 + a2) / 2)
+
+    md = report.to_markdown()
+    assert "| case_b | slab | absent | absent | absent | absent |" in md
+    assert "(1 absent)" in md and "not averaged (not counted as Dice 1)" in md
+    assert "slab in 1 case(s)" in report.to_text()
+    with (out / "metrics.csv").open() as f:
+        rows = {(r["case"], r["label"]): r for r in csv.DictReader(f)}
+    assert rows[("case_b", "2")]["absent_in_both"] == "1" and rows[("case_a", "2")]["absent_in_both"] == "0"
+    data = json.loads((out / "metrics.json").read_text())
+    assert data["absent_in_both"] == [{"case": "case_b", "label": 2}]
+    assert data["mean"]["2"]["dice"]["n_absent"] == 1 and data["mean"]["2"]["dice"]["n"] == 1
+    assert data["absent_note"].startswith("absent from both")
+    assert [c["absent"] for c in data["cases"]] == [False, False, False, True]
+
+
+def test_no_absent_note_when_every_class_is_present(folders) -> None:
+    report = evaluate_folders(*folders, labels={1: "box", 2: "slab"})
+    assert report.absent_in_both() == [] and report.absent_note() == ""
+    assert "absent" not in report.to_markdown()

@@ -174,3 +174,20 @@ def test_all_nan_summary_is_nan_without_warning() -> None:
         warnings.simplefilter("error")
         s = MetricSummary.of([math.nan, math.nan])
     assert math.isnan(s.mean) and math.isnan(s.std) and (s.n, s.n_nan) == (0, 2)
+
+
+def test_accumulator_leaves_classes_absent_from_both_out_of_the_means() -> None:
+    acc = MetricAccumulator()
+    a, b = _two_cubes()
+    empty = np.zeros_like(a)
+    acc.add_masks("c1", 1, a, b, (2.0, 1.0, 1.0))
+    got = acc.add_masks("c2", 1, empty, empty, (2.0, 1.0, 1.0))
+    assert got["dice"] == 1.0  # the single-case value stays as tabulated ...
+    s = acc.summary()[1]
+    assert s["dice"].mean == pytest.approx(metrics.dice(a, b))  # ... but is not averaged in
+    assert (s["dice"].n, s["dice"].n_absent) == (1, 1) and (s["hd95"].n, s["hd95"].n_absent) == (1, 1)
+    assert acc.is_absent("c2", 1) and not acc.is_absent("c1", 1) and acc.absent() == [("c2", 1)]
+    assert [r["absent"] for r in acc.rows()] == [False, True]
+    acc.add("c3", 2, {"dice": 1.0, "jaccard": 1.0, "hd95": 0.0, "asd": 0.0}, absent=True)
+    only_absent = acc.summary()[2]["dice"]
+    assert math.isnan(only_absent.mean) and (only_absent.n, only_absent.n_absent) == (0, 1)
