@@ -39,17 +39,38 @@ def _engine_progress_bar() -> tuple[Callable, Callable[[], None]]:
     return update, close
 
 
-def _cmd_segment(args: argparse.Namespace) -> int:
-    from .preprocess import Preprocessing
-    from .segment_file import segment_file
+def _remote_client(args: argparse.Namespace):  # noqa: ANN202 - ServiceClient, or None to run here
+    """The service client for ``--server`` / ``$SSS_SERVER``; None runs the command in this process."""
+    from .remote_run import connect, server_from_env
 
-    prep = Preprocessing(modality=args.modality, window=tuple(args.window) if args.window else (-1000.0, 1000.0))
+    url, token_file = server_from_env(args.server, args.token_file)
+    if url is None:
+        return None
+    if args.device != "auto":
+        log.warning("--device is ignored with --server: the service runs on its own device")
+    return connect(url, token_file, ca_file=args.ca_file)
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    client = _remote_client(args)
     update, close = _engine_progress_bar()
     try:
-        result = segment_file(
-            args.image, args.prompts, args.output, backbone=args.backbone, device=args.device,
-            frame=args.frame, series_uid=args.series_uid, preprocessing=prep, progress=update,
-        )
+        if client is not None:
+            from .remote_run import segment_remote
+
+            result = segment_remote(client, args.image, args.prompts, args.output, backbone=args.backbone,
+                                    frame=args.frame, series_uid=args.series_uid, modality=args.modality,
+                                    window=tuple(args.window) if args.window else None, progress=update)
+        else:
+            from .preprocess import Preprocessing
+            from .segment_file import segment_file
+
+            prep = Preprocessing(modality=args.modality,
+                                 window=tuple(args.window) if args.window else (-1000.0, 1000.0))
+            result = segment_file(
+                args.image, args.prompts, args.output, backbone=args.backbone, device=args.device,
+                frame=args.frame, series_uid=args.series_uid, preprocessing=prep, progress=update,
+            )
     finally:
         close()
     for label, slices in result.slices_per_class.items():
@@ -96,13 +117,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_auto_segment(args: argparse.Namespace) -> int:
-    from .auto_segment import auto_segment
-
+    client = _remote_client(args)
+    points = {"auto": None, "on": True, "off": False}[args.prompt_points]
     update, close = _engine_progress_bar()
     try:
-        result = auto_segment(args.image, args.model, args.output, args.prompts_out, prompts_in=args.prompts,
-                              device=args.device, frame=args.frame, prompt_points={"auto": None, "on": True, "off": False}[args.prompt_points],
-                              progress=update)
+        if client is not None:
+            from .remote_run import auto_segment_remote
+
+            result = auto_segment_remote(client, args.image, args.model, args.output, args.prompts_out,
+                                         prompts_in=args.prompts, frame=args.frame, prompt_points=points,
+                                         progress=update)
+        else:
+            from .auto_segment import auto_segment
+
+            result = auto_segment(args.image, args.model, args.output, args.prompts_out, prompts_in=args.prompts,
+                                  device=args.device, frame=args.frame, prompt_points=points, progress=update)
     finally:
         close()
     present = result.prompts.by_label()
@@ -131,6 +160,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_server_options(parser: argparse.ArgumentParser) -> None:
+    """``--server`` / ``--token-file`` / ``--ca-file``: run the command on an SSS service."""
+    group = parser.add_argument_group("remote service (python -m sss_lib serve)")
+    group.add_argument("--server", default=None, metavar="URL",
+                       help="run on the SSS service at URL (default: $SSS_SERVER; unset: run here); the files are "
+                            "read and written here")
+    group.add_argument("--token-file", default=None, metavar="F",
+                       help="file holding the service's token (default: $SSS_TOKEN_FILE; for a local service "
+                            "started without one, the token file it wrote)")
+    group.add_argument("--ca-file", default=None, metavar="F",
+                       help="for an https URL: the CA or self-signed certificate to trust")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .backbones.registry import BACKBONE_NAMES
 
@@ -152,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--modality", default="auto", choices=["auto", "CT", "MR", "other"],
                      help="intensity rule: CT window or MR percentiles (default: guessed)")
     seg.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"), help="CT window in HU")
+    _add_server_options(seg)
     seg.set_defaults(func=_cmd_segment)
 
     wts = sub.add_parser("weights", help="list or download SAM-2.1 checkpoints")
@@ -195,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--prompt-points", choices=["auto", "on", "off"], default="auto",
                     help="automatic prompts with PCSW's points, or boxes alone (default auto: points for SAM-2, "
                          "boxes alone for LiteMedSAM, whose decoder was trained on boxes)")
+    _add_server_options(au)
     au.set_defaults(func=_cmd_auto_segment)
 
     ev = sub.add_parser("evaluate", help="score predicted label maps against ground truth",
