@@ -18,7 +18,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 
@@ -280,6 +280,8 @@ def make_phantom_dataset(
     size: tuple[int, int] = (128, 128),
     spacing: tuple[float, float, float] = (1.5, 1.5, 8.0),
     oblique: bool = False,
+    generator: Callable[..., tuple[Volume, Volume]] | None = None,
+    generator_kwargs: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``n_cases`` phantoms as a dataset in one of the layouts :mod:`sss_lib.datasets` reads.
 
@@ -296,6 +298,10 @@ def make_phantom_dataset(
         seed: dataset seed; case ``c`` uses seed ``seed * 1000 + c``.
         labeled: True (all), False (none) or the number of leading cases that get labels.
         n_slices, size, spacing, oblique: passed to :func:`make_cardiac_phantom`.
+        generator: another case maker, called ``generator(case_seed, phase=..., **generator_kwargs)``
+            and returning ``(image, labels)`` (e.g.
+            :func:`sss_lib.phantoms_cardiac.make_hard_cardiac_phantom`); then ``n_slices``,
+            ``size``, ``spacing`` and ``oblique`` are not used.
 
     Returns:
         The dataset folder.
@@ -307,7 +313,10 @@ def make_phantom_dataset(
     n_labeled = n_cases if labeled is True else 0 if labeled is False else int(labeled)
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)
-    kw = dict(n_slices=n_slices, size=size, spacing=spacing, oblique=oblique)
+    kw: dict[str, Any] = dict(n_slices=n_slices, size=size, spacing=spacing, oblique=oblique)
+    make: Callable[..., tuple[Volume, Volume]] = make_cardiac_phantom
+    if generator is not None:
+        make, kw = generator, dict(generator_kwargs or {})
 
     for c in range(n_cases):
         case_seed = seed * 1000 + c
@@ -318,7 +327,7 @@ def make_phantom_dataset(
             pdir.mkdir(exist_ok=True)
             frames = {"ED": 1, "ES": 1 + 8 + c % 5}
             for phase, frame in frames.items():
-                image, lab = make_cardiac_phantom(case_seed, phase=phase, **kw)  # type: ignore[arg-type]
+                image, lab = make(case_seed, phase=phase, **kw)
                 stem = f"{pid}_frame{frame:02d}"
                 write_volume(image, pdir / f"{stem}.nii.gz")
                 if has_label:
@@ -328,7 +337,7 @@ def make_phantom_dataset(
                 f"NbFrame: {frames['ES'] + 10}\nWeight: 70.0\n"
             )
             continue
-        image, lab = make_cardiac_phantom(case_seed, **kw)  # type: ignore[arg-type]
+        image, lab = make(case_seed, **kw)
         cid = f"case_{c:03d}"
         if layout == "nnunet":
             sub = "imagesTr" if has_label else "imagesTs"
