@@ -165,10 +165,12 @@ def auto_segment_remote(
     model_id = client.upload_task_model(model_path)["model_id"]
     remote = client.upload_volume(volume)
     session = client.open_session(remote.volume_id, task_model=model_id)
-    if edited is not None and session.slice_axis not in (None, "ijk"[edited.slice_axis.axis]):
+    axis = session.slice_axis
+    axis = "ijk"[axis] if isinstance(axis, int) else axis
+    if edited is not None and axis not in (None, "ijk"[edited.slice_axis.axis]):
         _close_quietly(session)
         raise InputError(prompts_in, f"the edited prompts lie along slice axis {'ijk'[edited.slice_axis.axis]} but the "
-                         f"task model slices along {session.slice_axis}",
+                         f"task model slices along {axis}",
                          "Edit the prompts file the last run wrote, without changing its slice_axis.")
     try:
         result = run_to_end(session.auto_segment(edited, prompt_points=prompt_points), progress)
