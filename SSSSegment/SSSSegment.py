@@ -21,6 +21,7 @@ from slicer.parameterNodeWrapper import (
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 
 from SSSSegmentLib import constants as C
+from SSSSegmentLib.busy import BusyState
 from SSSSegmentLib.errors import UserFacingError
 from SSSSegmentLib.logic import SegmentLogic, status_text
 from SSSSegmentLib.markups import class_visible, find_class, point_is_positive
@@ -28,6 +29,15 @@ from SSSSegmentLib.paths import ensure_sss_lib_importable
 
 # This file must import on Slicer 5.6/5.8 (Python 3.9): no "X | None", no match statements, and
 # sss_lib (Python 3.10+) is imported only inside functions, after the version check.
+
+# Disabled while the panel is busy (a run, a package install): nothing may start twice, and the run's
+# inputs stay as they were when it started. tests/slicer/test_static.py checks each name in the .ui.
+BUSY_WIDGETS = [
+    "segmentButton", "rerunButton", "autoSegmentButton", "inputVolumeSelector", "modelComboBox",
+    "taskModelPathLineEdit", "deviceComboBox", "sliceAxisComboBox", "outputSegmentationSelector",
+    "computeOnComboBox", "serverUrlLineEdit", "serverTokenLineEdit", "addClassButton", "removeClassButton",
+    "addBoxButton", "addPositivePointButton", "addNegativePointButton", "clearPromptsButton", "showHideButton",
+]
 
 
 #
@@ -88,7 +98,8 @@ class SSSSegmentParameterNode:
 
 
 class SSSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The panel. Inference runs on a worker thread; a QTimer drains its queue on the main thread."""
+    """The panel. Inference runs in the SSS service (this computer or a server), never in Slicer's
+    process; a QTimer advances the run with short requests (SSSSegmentLib/service_run.py)."""
 
     POLL_MS = 100
 
@@ -100,8 +111,9 @@ class SSSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._run = None
         self._runFinish = None
-        self._runDevice = ""
         self._runStarted = 0.0
+        self._busy = None
+        self._updatingCompute = False
         self._dependenciesChecked = False
         self._updatingClassList = False
         self._pollTimer = None
@@ -117,6 +129,7 @@ class SSSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.logic = SSSSegmentLogic()
         self.logic.edit_listeners.append(self._onPromptEdited)
+        self._busy = BusyState(self.ui, BUSY_WIDGETS, on_change=self._updateButtons)
 
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(self.POLL_MS)
@@ -140,8 +153,12 @@ class SSSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentButton.connect("clicked(bool)", lambda: self.onSegment(False))
         self.ui.rerunButton.connect("clicked(bool)", self.onRerun)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
+        self.ui.computeOnComboBox.connect("currentIndexChanged(int)", self.onComputeSettingsChanged)
+        self.ui.serverUrlLineEdit.connect("textChanged(QString)", self.onComputeSettingsChanged)
+        self.ui.serverTokenLineEdit.connect("textChanged(QString)", self.onComputeSettingsChanged)
 
         self.initializeParameterNode()
+        self._showComputeSettings()
 
         if sys.version_info < C.MINIMUM_PYTHON:
             self._showVersionWarning()
@@ -169,6 +186,7 @@ class SSSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self) -> None:
         self.initializeParameterNode()
+        self._showComputeSettings()
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -259,7 +277,7 @@ class SSSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return f"{nodes.name}   [label {nodes.label}, {nodes.source}: {n_box} box, {n_pos} +, {n_neg} -]"
 
     def _updateButtons(self, *unused) -> None:
-        busy = self._run is not None
+        busy = self._busy is not None and self._busy.active
         hasVolume = self._volume() is not None
         label = self._selectedLabel()
         for button in (self.ui.addBoxButton, self.ui.addPositivePointButton, self.ui.addNegativePointButton,
@@ -276,12 +294,14 @@ class SSSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if self.ui.autoSegmentButton.enabled
             else "Needs a task model: choose 'task model (file)' as the model and select its file."
         )
-        self.ui.cancelButton.enabled = busy
+        self.ui.cancelButton.enabled = self._run is not None
         nodes = find_class(slicer.mrmlScene, self._volume(), label) if label is not None and hasVolume else None
         if nodes is not None and not busy:
             wasBlocked = self.ui.showHideButton.blockSignals(True)
             self.ui.showHideButton.checked = class_visible(nodes)
             self.ui.showHideButton.blockSignals(wasBlocked)
+        if self._busy is not None:
+            self._busy.apply()
 
     def _onPromptEdited(self, label: int) -> None:
         qt.QTimer.singleShot(0, self._refreshClasses)
@@ -347,13 +367,55 @@ class SSSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.clear_class_prompts(self._volume(), label)
             self._refreshClasses()
 
+    # -- where the work runs ("Compute on") ----------------------------------------------------------
+    def _showComputeSettings(self) -> None:
+        """Show the "Compute on" choice kept in Slicer's settings (the other panel may have changed it)."""
+        from SSSSegmentLib.service_link import read_settings
+
+        settings = read_settings(qt.QSettings())
+        self._updatingCompute = True
+        try:
+            self.ui.computeOnComboBox.setCurrentIndex(max(0, self.ui.computeOnComboBox.findText(settings.mode)))
+            self.ui.serverUrlLineEdit.text = settings.url
+            self.ui.serverTokenLineEdit.text = settings.token
+        finally:
+            self._updatingCompute = False
+        self._showServerRows(settings.mode)
+
+    def _showServerRows(self, mode: str) -> None:
+        from SSSSegmentLib.service_link import SERVER
+
+        for widget in (self.ui.serverUrlLabel, self.ui.serverUrlLineEdit, self.ui.serverTokenLabel,
+                       self.ui.serverTokenLineEdit):
+            widget.visible = mode == SERVER
+
+    def onComputeSettingsChanged(self, *unused) -> None:
+        """Keep the choice in Slicer's settings (never in the scene: the token must not travel with it)."""
+        from SSSSegmentLib.service_link import ComputeSettings, write_settings
+
+        if self._updatingCompute:
+            return
+        settings = ComputeSettings(self.ui.computeOnComboBox.currentText, self.ui.serverUrlLineEdit.text,
+                                   self.ui.serverTokenLineEdit.text)
+        write_settings(qt.QSettings(), settings)
+        self._showServerRows(settings.mode)
+
+    def _link(self):
+        """The service link both panels share, pointed where the settings say."""
+        from SSSSegmentLib.service_link import read_settings, slicer_link
+
+        link = slicer_link(os.path.dirname(os.path.abspath(__file__)))
+        link.configure(read_settings(qt.QSettings()), device=self._parameterNode.device)
+        return link
+
     # -- runs --------------------------------------------------------------------------------------
-    def _ensureReady(self) -> bool:
-        """Python version and packages, checked (and installed, if the user agrees) on first use."""
+    def _ensureReady(self, local: bool) -> bool:
+        """Python version, and on this computer the packages the service needs (installed, if the
+        user agrees, on first use). A server needs nothing here beyond sss_lib's torch-free client."""
         from SSSSegmentLib import dependencies
 
         dependencies.check_python(sys.version_info)
-        if self._dependenciesChecked:
+        if self._dependenciesChecked or not local:
             return True
         ok = dependencies.ensure_dependencies_in_slicer()
         if ok:
@@ -367,31 +429,39 @@ class SSSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return ok
 
     def onSegment(self, rerun: bool = False) -> None:
-        self._runSafely(lambda: self._startRun(rerun))
+        self._runSafely("segment", lambda link: self._startRun(link, rerun))
 
     def onRerun(self, *unused) -> None:
-        self._runSafely(lambda: self._startRun(True))
+        self._runSafely("re-run", lambda link: self._startRun(link, True))
 
     def onAutoSegment(self, *unused) -> None:
-        self._runSafely(lambda: self._startAutoRun(False))
+        self._runSafely("auto-segment", lambda link: self._startAutoRun(link, False))
 
-    def _runSafely(self, start) -> None:
+    def _runSafely(self, what: str, start) -> None:
+        """Start a run unless the panel is busy; the busy state ends with the run, or here when
+        nothing was started (declined install, bad input, an exception)."""
+        if not self._busy.begin(what):
+            return  # a click that arrived while busy (queued during an install or an upload)
+        started = False
         try:
-            if not self._ensureReady():
+            link = self._link()
+            if not self._ensureReady(link.is_local):
                 self.ui.statusLabel.text = _("Missing Python packages were not installed; nothing was run.")
-                return
-            start()
+            else:
+                started = bool(start(link))
         except Exception as e:
             self._showError(e)
+        finally:
+            if not started:
+                self._busy.end()
 
-    def _startRun(self, rerun: bool) -> None:
+    def _startRun(self, link, rerun: bool) -> bool:
         pn = self._parameterNode
         if pn.model == C.TASK_MODEL_CHOICE:
             # With a task model every run goes through PCSW, which keeps the user's edited classes.
-            self._startAutoRun(rerun)
-            return
+            return self._startAutoRun(link, rerun)
         request = self.logic.prepare_run(pn.inputVolume, pn.model, pn.device, pn.sliceAxis, rerun)
-        missing = self.logic.weights_to_download(pn.model) if not request.reuse else None
+        missing = self.logic.weights_to_download(pn.model) if link.is_local else None
         if missing is not None:
             name, url, size = missing
             sizeText = f" ({size / 1e6:.0f} MB)" if size else ""
@@ -401,28 +471,25 @@ class SSSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                "(see 'python -m sss_lib weights list').").format(url=url),
             ):
                 self.ui.statusLabel.text = _("Model weights not downloaded; nothing was run.")
-                return
+                return False
             request.download_weights = True
         segmentationNode = pn.outputSegmentation
-        self._launch(self.logic.make_work(request), lambda outcome: self.logic.finish_run(request, outcome, segmentationNode), request.device)
+        run = self.logic.service_run(link, request, rerun)
+        self._launch(run, lambda outcome: self.logic.finish_run(request, outcome, segmentationNode))
+        return True
 
-    def _startAutoRun(self, rerun: bool) -> None:
+    def _startAutoRun(self, link, rerun: bool) -> bool:
         pn = self._parameterNode
         request = self.logic.prepare_auto_run(pn.inputVolume, self._taskModelPath(), pn.device, rerun)
         segmentationNode = pn.outputSegmentation
-        self._launch(
-            self.logic.make_auto_work(request),
-            lambda outcome: self.logic.finish_auto_run(request, outcome, segmentationNode),
-            request.device,
-        )
+        run = self.logic.service_auto_run(link, request)
+        self._launch(run, lambda outcome: self.logic.finish_auto_run(request, outcome, segmentationNode))
+        return True
 
-    def _launch(self, work, finish, device: str) -> None:
-        from SSSSegmentLib.worker import BackgroundRun
-
+    def _launch(self, run, finish) -> None:
+        self._run = run
         self._runFinish = finish
-        self._runDevice = device
         self._runStarted = time.perf_counter()
-        self._run = BackgroundRun(work).start()
         self.ui.progressBar.setRange(0, 0)  # busy until the first fraction arrives
         self.ui.statusLabel.text = _("Starting...")
         self._updateButtons()
@@ -434,33 +501,46 @@ class SSSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("Cancelling after the current slice...")
 
     def _pollRun(self) -> None:
-        from SSSSegmentLib import worker
+        """One timer tick: at most one short request to the service, then the panel follows."""
+        from SSSSegmentLib import service_run as R
 
-        if self._run is None:
+        run = self._run
+        if run is None:
             self._pollTimer.stop()
             return
-        for msg in self._run.poll():
-            if msg.kind == worker.PROGRESS:
-                if msg.fraction is None:
-                    self.ui.progressBar.setRange(0, 0)
-                else:
-                    self.ui.progressBar.setRange(0, 1000)
-                    self.ui.progressBar.value = int(round(1000 * msg.fraction))
-                self.ui.statusLabel.text = msg.text
-            elif msg.kind == worker.DONE:
-                self._finishRun(msg.value)
-            elif msg.kind == worker.CANCELLED:
-                self.ui.statusLabel.text = _("Cancelled; nothing was changed.")
-                self.ui.progressBar.setRange(0, 1000)
-                self.ui.progressBar.value = 0
-            elif msg.kind == worker.FAILED:
-                self.ui.progressBar.setRange(0, 1000)
-                self.ui.progressBar.value = 0
-                self._showError(msg.error, msg.text)
-        if self._run.finished:
-            self._pollTimer.stop()
-            self._run = None
-            self._updateButtons()
+        try:
+            for msg in run.step():
+                if msg.kind == R.PROGRESS:
+                    if msg.fraction is None:
+                        self.ui.progressBar.setRange(0, 0)
+                    else:
+                        self.ui.progressBar.setRange(0, 1000)
+                        self.ui.progressBar.value = int(round(1000 * msg.fraction))
+                    if msg.text:
+                        self.ui.statusLabel.text = msg.text
+                elif msg.kind == R.DONE:
+                    self._finishRun(msg.value)
+                elif msg.kind == R.CANCELLED:
+                    self._resetProgress()
+                    self.ui.statusLabel.text = msg.text or _("Cancelled; nothing was changed.")
+                elif msg.kind == R.FAILED:
+                    self._resetProgress()
+                    self._showError(msg.error, msg.text)
+        except Exception as e:  # the busy state must end whatever happened
+            run.finished = True
+            self._showError(e)
+        if run.finished:
+            self._endRun()
+
+    def _endRun(self) -> None:
+        self._pollTimer.stop()
+        self._run = None
+        self._busy.end()
+        self._updateButtons()
+
+    def _resetProgress(self) -> None:
+        self.ui.progressBar.setRange(0, 1000)
+        self.ui.progressBar.value = 0
 
     def _finishRun(self, outcome) -> None:
         try:
@@ -468,15 +548,20 @@ class SSSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.outputSegmentation = node
             self._refreshClasses()
             wall = time.perf_counter() - self._runStarted
-            self.ui.statusLabel.text = status_text(outcome.result, outcome.backbone_name, self._runDevice) + (
+            where = outcome.device + (f", {outcome.location}" if outcome.location else "")
+            self.ui.statusLabel.text = status_text(outcome.result, outcome.backbone_name, where) + (
                 f" Total {wall:.1f} s."
             )
             self.ui.progressBar.setRange(0, 1000)
             self.ui.progressBar.value = 1000
         except Exception as e:
+            self._run.discard_session()  # the service's session no longer matches the scene
+            self._resetProgress()
             self._showError(e)
 
-    def _showError(self, error, details: str = "") -> None:
+    def _showError(self, error, message: str = "") -> None:
+        """One error, shown in the status line and a dialog. ``message``: the text to show (already
+        says what happened); otherwise it is made from ``error``."""
         known = isinstance(error, UserFacingError)
         try:
             from sss_lib.errors import SSSError
@@ -484,14 +569,12 @@ class SSSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             known = known or isinstance(error, SSSError)
         except ImportError:
             pass
-        message = str(error) if known else _("Segmentation failed: {error}").format(error=error)
+        if not message:
+            message = str(error) if known else _("Segmentation failed: {error}").format(error=error)
+            if not known:
+                logging.error("SSS Segment: %r", error)
         self.ui.statusLabel.text = message
-        if not known:
-            logging.error(details or repr(error))
-        if details:
-            slicer.util.errorDisplay(message, detailedText=details)
-        else:
-            slicer.util.errorDisplay(message)
+        slicer.util.errorDisplay(message)
 
 
 #
@@ -504,7 +587,10 @@ class SSSSegmentLogic(ScriptedLoadableModuleLogic, SegmentLogic):
 
         logic = slicer.util.getModuleLogic("SSSSegment")
         logic.add_class(volume, "tumour")  # then place a box in the "SSS tumour box" ROI
-        segmentation, result = logic.segment(volume, model="sam2.1_hiera_tiny")
+        # through the SSS service, as the panel does (the console waits until it is done):
+        from SSSSegmentLib.service_link import slicer_link
+        link = slicer_link(os.path.dirname(slicer.modules.sssegment.path))
+        segmentation, outcome = logic.segment_through(link, volume, model="litemedsam")
     """
 
     def __init__(self, backbone_factory=None) -> None:

@@ -1,19 +1,22 @@
 """SSSSegment's logic, free of Qt: classes and prompts as markups, runs, results as segmentations.
 
-A run has three parts so that inference can leave the GUI thread:
+A run has three parts, so that inference never runs inside Slicer's process:
 
 1. :meth:`SegmentLogic.prepare_run` (main thread) reads the volume and the markups into plain sss_lib
    objects (a :class:`RunRequest`);
-2. :meth:`SegmentLogic.make_work` returns a function that builds or reuses the model and the
-   :class:`sss_lib.engine.SegmentationSession` and segments; run it on a
-   :class:`~SSSSegmentLib.worker.BackgroundRun` (or call :meth:`SegmentLogic.segment` to run it here);
-3. :meth:`SegmentLogic.finish_run` (main thread) writes the result into the segmentation node.
+2. the panel hands :meth:`SegmentLogic.service_run` to its timer: the SSS service (on this computer
+   or a server, :mod:`SSSSegmentLib.service_link`) segments, polled with short requests
+   (:mod:`SSSSegmentLib.service_run`). Scripts and tests may instead run
+   :meth:`SegmentLogic.make_work`'s function in the calling thread (:meth:`SegmentLogic.segment`);
+3. :meth:`SegmentLogic.finish_run` (main thread) writes the result into the segmentation node; both
+   paths hand it the same :class:`RunOutcome`.
 
-Sessions are cached per (volume, image, model, device, slice axis): a re-run after a prompt edit
-recomputes only the classes whose prompts changed and reuses every slice embedding.
+Sessions are kept per (volume, image, model, slice axis): a re-run after a prompt edit recomputes
+only the classes whose prompts changed and reuses every slice embedding.
 """
 
 import dataclasses
+import os
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -64,7 +67,7 @@ class RunRequest:
 @dataclasses.dataclass
 class AutoRunRequest:
     """An Auto-segment run read from the scene: the volume, the markups as snapshots (converted to
-    prompts on the task model's slice axis in the worker), the task model and the device."""
+    prompts on the task model's slice axis once it is known), the task model and the device."""
 
     volume_node_id: str
     volume: Any
@@ -74,15 +77,33 @@ class AutoRunRequest:
     device: str
     session_key: Tuple
     reuse: bool
+    rerun: bool = False
 
 
 @dataclasses.dataclass
 class RunOutcome:
-    """What :meth:`SegmentLogic.make_work`'s function returns to the main thread."""
+    """A finished run, from the service or from :meth:`SegmentLogic.make_work`'s function.
 
-    session: Any
+    Attributes:
+        result: the run's result: ``recomputed``, ``reused``, ``slices_per_class``, ``seconds``,
+            ``absent`` (sss_lib's result in process, ``RemoteResult`` from the service).
+        labels: the full label map ``[k, j, i]`` on the input's grid.
+        backbone_name: the backbone that ran; ``device`` where; ``location`` "this computer" or the server.
+        session: the in-process session (kept for a re-run); None for the service.
+        prompts: Auto-segment: the ``PromptSet`` the run used (PCSW's and the user's).
+        classes: Auto-segment: ``(label, name, (r, g, b))`` of every class of the task model.
+        model_name: Auto-segment: the task model's name.
+    """
+
     result: Any
+    labels: Any
     backbone_name: str
+    device: str = ""
+    location: str = ""
+    session: Any = None
+    prompts: Any = None
+    classes: Optional[List[Tuple[int, str, Tuple[int, int, int]]]] = None
+    model_name: str = ""
 
 
 class SegmentLogic:
@@ -273,7 +294,8 @@ class SegmentLogic:
         return model, weights.weights_url(spec), spec.size_bytes
 
     def make_work(self, request: RunRequest) -> Callable[[Callable[[str, Optional[float]], None], Callable[[], bool]], RunOutcome]:
-        """The function to run on the worker thread: ``work(report, should_cancel) -> RunOutcome``."""
+        """The in-process run: ``work(report, should_cancel) -> RunOutcome``, called in this thread
+        (scripts, tests with a stand-in model; the panel uses :meth:`service_run`)."""
         cached_session = self._sessions.get(request.session_key) if request.reuse else None
         backbone_key = (request.model, request.device)
         cached_backbone = self._backbones.get(backbone_key)
@@ -303,7 +325,8 @@ class SegmentLogic:
                 report(f"{stage}: {event.message}", event.fraction)
 
             result = session.segment(request.prompts, progress=progress, should_cancel=should_cancel)
-            return RunOutcome(session, result, session.backbone.name)
+            return RunOutcome(result, result.labels.voxels, session.backbone.name, request.device, "this process",
+                              session=session)
 
         return work
 
@@ -325,7 +348,7 @@ class SegmentLogic:
         """Read the volume and the current markups (main thread) for an Auto-segment run.
 
         The markups go as plain snapshots: the slice axis is the task model's, known only once the
-        worker has loaded it. Classes the user edited are kept as they are; the others get PCSW's
+        service has opened its session. Classes the user edited are kept as they are; the others get PCSW's
         prompts again; a class whose markups were deleted stays unsegmented (sss_lib.auto_segment).
         """
         import slicer.util
@@ -339,11 +362,11 @@ class SegmentLogic:
         snapshots = [snap for snap in self.snapshot_prompts(volume_node) if snap.boxes or snap.points]
         return AutoRunRequest(
             volume_node.GetID(), volume, snapshots, np.linalg.inv(geometry.ijk_to_world_ras(volume_node)), path,
-            device, key, reuse,
+            device, key, reuse, rerun,
         )
 
     def make_auto_work(self, request: "AutoRunRequest") -> Callable[[Callable[[str, Optional[float]], None], Callable[[], bool]], RunOutcome]:
-        """The function to run on the worker thread for an Auto-segment run."""
+        """The in-process Auto-segment run (see :meth:`make_work`)."""
         cached = self._sessions.get(request.session_key) if request.reuse else None
         store = self._embedding_store()
 
@@ -372,34 +395,36 @@ class SegmentLogic:
                 report(f"{stage}: {event.message}", event.fraction)
 
             result = session.run(edited, progress=progress, should_cancel=should_cancel)
-            return RunOutcome(session, result, session.runtime.backbone.name)
+            classes = [(c.label, c.name, tuple(int(v) for v in c.color)) for c in session.runtime.classes]
+            return RunOutcome(result, result.labels.voxels, session.runtime.backbone.name, request.device,
+                              "this process", session=session, prompts=result.prompts, classes=classes,
+                              model_name=os.path.basename(request.task_model_path))
 
         return work
 
     def finish_auto_run(self, request: "AutoRunRequest", outcome: RunOutcome, segmentation_node: Optional[Any] = None) -> Any:
         """Write PCSW's prompts into the markups (never over a user's class) and the labels into the
         segmentation (main thread)."""
-        import os
-
-        self._sessions = {request.session_key: outcome.session}
+        if outcome.session is not None:
+            self._sessions = {request.session_key: outcome.session}
         volume_node = self.scene.GetNodeByID(request.volume_node_id)
         if volume_node is None:
             raise UserFacingError("The input volume was removed while segmenting; nothing was written.")
         result = outcome.result
-        self.write_prompts(volume_node, result.prompts, source=C.SOURCE_AUTO)
+        if outcome.prompts is not None:
+            self.write_prompts(volume_node, outcome.prompts, source=C.SOURCE_AUTO)
         with self.watcher.paused():
             for label in result.absent:  # PCSW found nothing: drop the stale auto prompts of the class
                 nodes = markups.find_class(self.scene, volume_node, label)
                 if nodes is not None and nodes.source == C.SOURCE_AUTO:
                     markups.clear_class_prompts(self.scene, nodes)
         self.watch(volume_node)
-        task_classes = outcome.session.runtime.classes
-        classes = [(c.label, c.name, tuple(int(v) for v in c.color)) for c in task_classes]
+        classes = list(outcome.classes or [])
         node = segmentation.prepare_segmentation(self.scene, volume_node, segmentation_node)
         update = None if segmentation_node is None else sorted(set(result.recomputed) | set(result.absent))
-        segmentation.write_class_segments(self.scene, node, volume_node, result.labels.voxels, classes, update)
-        model = f"task model {os.path.basename(request.task_model_path)} on {outcome.backbone_name}"
-        segmentation.record_run(node, model, request.device, result.seconds)
+        segmentation.write_class_segments(self.scene, node, volume_node, outcome.labels, classes, update)
+        model = f"task model {outcome.model_name} on {outcome.backbone_name}"
+        segmentation.record_run(node, model, outcome.device or request.device, result.seconds)
         return node
 
     def auto_segment(
@@ -415,8 +440,9 @@ class SegmentLogic:
         self, request: RunRequest, outcome: RunOutcome, segmentation_node: Optional[Any] = None
     ) -> Any:
         """Keep the session and write the result into ``segmentation_node`` (created if None; main thread)."""
-        self._sessions = {request.session_key: outcome.session}  # one volume's session at a time: memory
-        self._backbones[(request.model, request.device)] = outcome.session.backbone
+        if outcome.session is not None:  # in process: one volume's session at a time (memory)
+            self._sessions = {request.session_key: outcome.session}
+            self._backbones[(request.model, request.device)] = outcome.session.backbone
         volume_node = self.scene.GetNodeByID(request.volume_node_id)
         if volume_node is None:
             raise UserFacingError("The input volume was removed while segmenting; nothing was written.")
@@ -424,8 +450,8 @@ class SegmentLogic:
         classes = [(c.label, c.name, tuple(int(v) for v in c.color)) for c in request.prompts.classes]
         node = segmentation.prepare_segmentation(self.scene, volume_node, segmentation_node)
         update = None if segmentation_node is None else result.recomputed
-        segmentation.write_class_segments(self.scene, node, volume_node, result.labels.voxels, classes, update)
-        segmentation.record_run(node, outcome.backbone_name, request.device, result.seconds)
+        segmentation.write_class_segments(self.scene, node, volume_node, outcome.labels, classes, update)
+        segmentation.record_run(node, outcome.backbone_name, outcome.device or request.device, result.seconds)
         return node
 
     def segment(
@@ -437,6 +463,79 @@ class SegmentLogic:
         outcome = self.make_work(request)(progress or (lambda text, fraction: None), lambda: False)
         node = self.finish_run(request, outcome, segmentation_node)
         return node, outcome.result
+
+    # -- runs through the SSS service (the panel's path) ---------------------------------------------
+    @staticmethod
+    def volume_key(volume_node: Any) -> Tuple:
+        """Identifies a volume's voxels and world geometry in this Slicer: the same key means the
+        service already has it (a re-run uploads nothing)."""
+        m = geometry.ijk_to_world_lps(volume_node)
+        return (volume_node.GetID(), volume_node.GetImageData().GetMTime(), tuple(np.round(m, 9).ravel().tolist()))
+
+    def _plan_volume(self, link: Any, volume_node: Any, volume: Any) -> Any:
+        """``volume`` with its own copy of the voxels unless the service has them already."""
+        import slicer.util
+
+        key = self.volume_key(volume_node)
+        if ("volume", key) not in link.cache and not volume.voxels.flags.owndata:
+            volume.voxels = np.array(slicer.util.arrayFromVolume(volume_node), copy=True)
+        return key
+
+    def service_run(self, link: Any, request: RunRequest, rerun: bool = False) -> Any:
+        """A :class:`~SSSSegmentLib.service_run.ServiceRun` of ``request`` (Segment / Re-run): step it
+        from a timer, then pass its outcome to :meth:`finish_run`."""
+        from .service_run import SEGMENT, RunPlan, ServiceRun
+
+        volume_node = self.scene.GetNodeByID(request.volume_node_id)
+        key = self._plan_volume(link, volume_node, request.volume)
+        axis_name = {0: "i", 1: "j", 2: "k"}[request.axis.axis]
+        download = request.model if request.download_weights else None
+        plan = RunPlan(SEGMENT, request.volume, key, rerun=rerun, backbone=request.model, axis_name=axis_name,
+                       prompts=request.prompts, download=download)
+        return ServiceRun(link, plan)
+
+    def service_auto_run(self, link: Any, request: "AutoRunRequest") -> Any:
+        """A :class:`~SSSSegmentLib.service_run.ServiceRun` of an Auto-segment ``request``; its outcome
+        goes to :meth:`finish_auto_run`."""
+        from sss_lib.volume import axis_from_name
+
+        from .service_run import AUTO, RunPlan, ServiceRun
+
+        volume_node = self.scene.GetNodeByID(request.volume_node_id)
+        key = self._plan_volume(link, volume_node, request.volume)
+        snapshots, world_to_ijk, volume = request.snapshots, request.world_to_ijk, request.volume
+
+        def edited_prompts(axis_name: str) -> Any:
+            if not snapshots:
+                return None
+            return prompt_set_from_snapshots(snapshots, world_to_ijk, axis_from_name(axis_name, volume),
+                                             volume.voxels.shape)
+
+        plan = RunPlan(AUTO, volume, key, rerun=request.rerun, task_model_path=request.task_model_path,
+                       edited_prompts=edited_prompts)
+        return ServiceRun(link, plan)
+
+    def segment_through(
+        self, link: Any, volume_node: Any, segmentation_node: Optional[Any] = None, model: str = "auto",
+        device: str = "auto", axis_name: str = "auto", rerun: bool = False, timeout: float = 600.0,
+    ) -> Tuple[Any, RunOutcome]:
+        """Segment through the service and wait (scripts, tests); returns ``(segmentation node, outcome)``.
+
+        Raises:
+            UserFacingError: the run failed or was cancelled (the scene is unchanged).
+        """
+        request = self.prepare_run(volume_node, model, device, axis_name, rerun)
+        outcome = _final_outcome(self.service_run(link, request, rerun).run_to_end(timeout))
+        return self.finish_run(request, outcome, segmentation_node), outcome
+
+    def auto_segment_through(
+        self, link: Any, volume_node: Any, task_model_path: str, segmentation_node: Optional[Any] = None,
+        rerun: bool = False, timeout: float = 600.0,
+    ) -> Tuple[Any, RunOutcome]:
+        """Auto-segment through the service and wait; see :meth:`segment_through`."""
+        request = self.prepare_auto_run(volume_node, task_model_path, "auto", rerun)
+        outcome = _final_outcome(self.service_auto_run(link, request).run_to_end(timeout))
+        return self.finish_auto_run(request, outcome, segmentation_node), outcome
 
     def clear_cache(self) -> None:
         """Forget models, sessions and embeddings (frees memory)."""
@@ -450,6 +549,18 @@ class SegmentLogic:
 
             self._store = EmbeddingStore()
         return self._store
+
+
+def _final_outcome(messages: List[Any]) -> RunOutcome:
+    """The outcome of a finished service run's messages, or the error it ended with."""
+    from .service_run import DONE, FAILED
+
+    final = messages[-1]
+    if final.kind == DONE:
+        return final.value
+    if final.kind == FAILED:
+        raise UserFacingError(final.text) from final.error
+    raise UserFacingError(final.text or "The run was cancelled; nothing was changed.")
 
 
 def _shape_kji(volume_node: Any) -> Tuple[int, int, int]:
@@ -488,9 +599,7 @@ def status_text(result: Any, backbone_name: str, device: str) -> str:
     """One line for the panel: classes, what was recomputed, time, model."""
     n = len(result.recomputed) + len(result.reused)
     reused = f", {len(result.reused)} reused" if result.reused else ""
-    absent = getattr(result, "absent", None)
-    if absent is None:
-        absent = [lbl for lbl, slices in result.slices_per_class.items() if not slices]
+    absent = getattr(result, "absent", None) or [lbl for lbl, slices in result.slices_per_class.items() if not slices]
     empty = f"; empty: class {', '.join(str(a) for a in absent)}" if absent else ""
     return (
         f"Segmented {n} class(es) ({len(result.recomputed)} recomputed{reused}) in {result.seconds:.1f} s "

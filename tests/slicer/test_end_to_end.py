@@ -1,10 +1,10 @@
-"""End to end with a real network: markups -> worker thread -> SAM-2.1 -> segmentation node.
+"""End to end with a real network, in this process: markups -> SAM-2.1 -> segmentation node.
 
 The volume is a 64 x 64 x 10 crop of the real lung CT around its tumour, made oblique and put under a
 parent transform. The network is SAM-2.1 tiny at random init and 64 px input (no weights file, a few
-seconds on a CPU), so the masks are meaningless but every step is the real one: the panel's path
-through SegmentLogic.prepare_run / make_work on a BackgroundRun / finish_run, polled like the
-panel's QTimer does.
+seconds on a CPU), so the masks are meaningless but every step is the real one: SegmentLogic.prepare_run
+/ make_work (called in this thread, as scripts do) / finish_run. The panel's path, through the SSS
+service in its own process, is tested in test_service_segment.py.
 """
 
 import time
@@ -22,24 +22,18 @@ def sam2_tiny_factory(model, device):
     return build_sam2_backbone("sam2.1_hiera_tiny", image_size=64, random_init=True, device="cpu")
 
 
-def run_in_background(logic, request):
-    """What the panel does: a worker thread, polled from this (main) thread."""
-    from SSSSegmentLib import worker
-
-    run = worker.BackgroundRun(logic.make_work(request)).start()
-    messages, deadline = [], time.monotonic() + 120
-    while not run.finished:
-        assert time.monotonic() < deadline, "the worker did not finish"
-        messages += run.poll()
-        time.sleep(0.02)
-    return messages
+def run_here(logic, request, should_cancel=lambda: False):
+    """The in-process run; returns ``(progress reports as (text, fraction), outcome)``."""
+    reports = []
+    outcome = logic.make_work(request)(lambda text, fraction: reports.append((text, fraction)), should_cancel)
+    return reports, outcome
 
 
 def test_box_on_transformed_volume_to_segmentation_with_sam2(scene, crop_volume, tumour_box):
     import slicer
 
     from SSSSegmentLib import constants as C
-    from SSSSegmentLib import geometry, markups, testing, worker
+    from SSSSegmentLib import geometry, markups, testing
     from SSSSegmentLib.logic import SegmentLogic, status_text
 
     logic = SegmentLogic(backbone_factory=sam2_tiny_factory)
@@ -57,12 +51,9 @@ def test_box_on_transformed_volume_to_segmentation_with_sam2(scene, crop_volume,
     request = logic.prepare_run(crop_volume, model="sam2.1_hiera_tiny", device="cpu")
     (prompt,) = request.prompts.classes[0].prompts
     assert prompt.key_slice == 5 and np.allclose(prompt.box, tumour_box, atol=1e-6)
-    messages = run_in_background(logic, request)
-    kinds = [m.kind for m in messages]
-    assert kinds[-1] == worker.DONE, [m.text for m in messages if m.kind == worker.FAILED]
-    fractions = [m.fraction for m in messages if m.kind == worker.PROGRESS and m.fraction is not None]
+    reports, outcome = run_here(logic, request)
+    fractions = [f for _, f in reports if f is not None]
     assert fractions and max(fractions) == 1.0 and all(0 <= f <= 1 for f in fractions)
-    outcome = messages[-1].value
     seg = logic.finish_run(request, outcome)
     seconds = time.perf_counter() - t0
 
@@ -77,13 +68,15 @@ def test_box_on_transformed_volume_to_segmentation_with_sam2(scene, crop_volume,
     # Re-run with nothing changed: the cached session answers without embedding or propagating.
     request2 = logic.prepare_run(crop_volume, model="sam2.1_hiera_tiny", device="cpu", rerun=True)
     assert request2.reuse
-    again = run_in_background(logic, request2)[-1].value.result
+    again = run_here(logic, request2)[1].result
     assert again.recomputed == [] and again.embeddings_computed == 0
     assert np.array_equal(again.labels.voxels, result.labels.voxels)
 
 
 def test_cancel_writes_nothing(scene, crop_volume, tumour_box):
-    from SSSSegmentLib import geometry, markups, testing, worker
+    from sss_lib.errors import Cancelled
+
+    from SSSSegmentLib import geometry, markups, testing
     from SSSSegmentLib.logic import SegmentLogic
 
     logic = SegmentLogic(backbone_factory=lambda model, device: testing.make_box_backbone())
@@ -93,30 +86,16 @@ def test_cancel_writes_nothing(scene, crop_volume, tumour_box):
                       logic.slice_axis(volume), 5, tumour_box)
     before = scene.GetNumberOfNodes()
     request = logic.prepare_run(crop_volume, model="test", device="cpu")
-    run = worker.BackgroundRun(logic.make_work(request))
-    run.cancel()  # the user pressed Cancel before the model finished loading
-    messages = run.start().wait(30)
-    assert [m.kind for m in messages][-1] == worker.CANCELLED
+    with pytest.raises(Cancelled):  # the user pressed Cancel before the model finished loading
+        run_here(logic, request, should_cancel=lambda: True)
     assert scene.GetNumberOfNodes() == before
     assert not scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems()
 
 
-def test_worker_reports_failures_to_the_main_thread():
-    from SSSSegmentLib import worker
-
-    def work(report, should_cancel):
-        report("half way", 0.5)
-        raise ValueError("model exploded")
-
-    messages = worker.BackgroundRun(work).start().wait(10)
-    assert [m.kind for m in messages] == [worker.PROGRESS, worker.FAILED]
-    assert isinstance(messages[-1].error, ValueError) and "model exploded" in messages[-1].text
-
-
-def test_missing_checkpoint_is_offered_and_downloaded_in_the_worker(scene, crop_volume, tumour_box, monkeypatch, tmp_path):
+def test_missing_checkpoint_is_offered_and_downloaded_in_the_run(scene, crop_volume, tumour_box, monkeypatch, tmp_path):
     from sss_lib import weights
 
-    from SSSSegmentLib import geometry, markups, testing, worker
+    from SSSSegmentLib import geometry, markups, testing
     from SSSSegmentLib.logic import SegmentLogic
 
     monkeypatch.setenv(weights.SSS_HOME_ENV, str(tmp_path))  # an empty weights cache
@@ -140,6 +119,6 @@ def test_missing_checkpoint_is_offered_and_downloaded_in_the_worker(scene, crop_
                       logic.slice_axis(geometry.sss_volume_from_node(crop_volume)), 5, tumour_box)
     request = logic.prepare_run(crop_volume, model="sam2.1_hiera_tiny", device="cpu")
     request.download_weights = True
-    messages = run_in_background(logic, request)
-    assert messages[-1].kind == worker.DONE and fetched == ["sam2.1_hiera_tiny"] and built == ["sam2.1_hiera_tiny"]
-    assert any(m.fraction == 0.5 and "50 MB" in m.text for m in messages)
+    reports, _ = run_here(logic, request)
+    assert fetched == ["sam2.1_hiera_tiny"] and built == ["sam2.1_hiera_tiny"]
+    assert any(fraction == 0.5 and "50 MB" in text for text, fraction in reports)

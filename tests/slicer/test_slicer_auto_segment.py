@@ -50,15 +50,12 @@ def test_auto_segment_writes_prompts_and_segments_then_keeps_user_edits(scene, c
     import slicer
 
     from SSSSegmentLib import constants as C
-    from SSSSegmentLib import geometry, markups, segmentation, testing, worker
+    from SSSSegmentLib import geometry, markups, segmentation, testing
     from SSSSegmentLib.logic import SegmentLogic, status_text
 
     logic = SegmentLogic()
     request = logic.prepare_auto_run(crop_volume, task_model_file, device="cpu")
-    run = worker.BackgroundRun(logic.make_auto_work(request)).start()
-    messages = run.wait(120)
-    assert messages[-1].kind == worker.DONE, [m.text for m in messages if m.kind == worker.FAILED]
-    outcome = messages[-1].value
+    outcome = logic.make_auto_work(request)(lambda text, fraction: None, lambda: False)
     seg = logic.finish_auto_run(request, outcome)
     result = outcome.result
     assert result.absent == [2] and [c.label for c in result.prompts.classes] == [1]
