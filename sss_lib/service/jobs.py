@@ -49,9 +49,10 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..errors import InputError, SSSError
+from ..errors import InputError
 from ..runs.layout import RunPaths
 from ..runs.progress import parse_progress_line
+from .http_errors import ApiError, from_library_error, not_found
 from .job_settings import SettingsError, job_gpus, settings_to_argv
 from .uploads import UploadStore, describe_dataset, write_json_atomic
 
@@ -65,20 +66,6 @@ RESUMABLE_STATES = ("stopped", "interrupted", "failed")
 _JOB_ID_RE = re.compile(r"^[0-9a-f]{8,64}$")
 _NAME_MAX = 200
 _CONSOLE_TAIL = 4000  # bytes of console.log quoted in a failed job's message
-
-
-class JobError(SSSError):
-    """A job request the manager refuses.
-
-    Attributes:
-        status: the HTTP status (404 unknown job, 409 wrong state, 422 bad request, 403/400 paths).
-        code: the snake_case error code.
-    """
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = int(status)
-        self.code = code
 
 
 @dataclasses.dataclass
@@ -292,21 +279,21 @@ class JobManager:
             name: a label for people (default: the dataset's folder name).
 
         Raises:
-            JobError: 404 unknown upload, 403/400 refused path, 422 bad settings or unusable data.
+            ApiError: 404 unknown upload, 403/400 refused path, 422 bad settings or unusable data.
         """
         settings = dict(settings or {})
         try:
             argv = settings_to_argv(settings)
             gpus = job_gpus(settings, self.gpus)
         except SettingsError as err:
-            raise JobError(422, "bad_settings", f"{err}") from None
+            raise ApiError(422, "bad_settings", f"{err}") from None
         lab = self._resolve_data("labeled", labeled, layout=str(settings.get("layout", "auto")))
         if lab["_info"]["labeled"] == 0:
-            raise JobError(422, "no_labeled_cases", f"the labeled dataset ({self._describe_ref(labeled)}) holds no "
+            raise ApiError(422, "no_labeled_cases", f"the labeled dataset ({self._describe_ref(labeled)}) holds no "
                            "labeled case. Name a dataset with labels (nnU-Net: labelsTr/).")
         unl = self._resolve_data("unlabeled", unlabeled) if unlabeled is not None else None
         if name is not None and (not isinstance(name, str) or len(name) > _NAME_MAX):
-            raise JobError(422, "bad_request", f"name must be a string of at most {_NAME_MAX} characters")
+            raise ApiError(422, "bad_request", f"name must be a string of at most {_NAME_MAX} characters")
         now = time.time()
         job_id = secrets.token_hex(6)
         job = Job(job_id=job_id, name=(name or Path(lab["resolved"]).name), state="queued", created=now,
@@ -322,7 +309,7 @@ class JobManager:
         return {"job_id": job_id, "state": "queued", "position": position}
 
     def get(self, job_id: str) -> dict[str, Any]:
-        """The public view of a job (``GET /v1/jobs/{id}``). Raises JobError 404."""
+        """The public view of a job (``GET /v1/jobs/{id}``). Raises ApiError 404."""
         with self._lock:
             return self._view(self._job(job_id))
 
@@ -332,7 +319,7 @@ class JobManager:
             return [self._view(j) for j in sorted(self._jobs.values(), key=lambda j: j.created)]
 
     def progress(self, job_id: str, after: int = 0) -> dict[str, Any]:
-        """``{lines: [progress objects after the first `after`], next, state}``. Raises JobError 404."""
+        """``{lines: [progress objects after the first `after`], next, state}``. Raises ApiError 404."""
         with self._lock:
             job = self._job(job_id)
             records = self._records(job_id)
@@ -341,7 +328,7 @@ class JobManager:
 
     def stop(self, job_id: str) -> dict[str, Any]:
         """Ask a job to stop: a queued job ends ``stopped`` at once, a running one at its next clean
-        point (``stopping``). Raises JobError 404, or 409 for a job that has ended."""
+        point (``stopping``). Raises ApiError 404, or 409 for a job that has ended."""
         with self._lock:
             job = self._job(job_id)
             if job.state == "queued":
@@ -353,18 +340,18 @@ class JobManager:
             elif job.state == "stopping":
                 job.stop_reason = "user"
             else:
-                raise JobError(409, "job_not_running", f"job {job_id} is {job.state}: there is nothing to stop")
+                raise ApiError(409, "job_not_running", f"job {job_id} is {job.state}: there is nothing to stop")
             self._save(job)
             return self._view(job)
 
     def resume(self, job_id: str) -> dict[str, Any]:
         """Queue a stopped, interrupted or failed job again (from its checkpoint when it has one).
-        Raises JobError 404, or 409 for a job that is queued, running or done."""
+        Raises ApiError 404, or 409 for a job that is queued, running or done."""
         with self._lock:
             job = self._job(job_id)
             if job.state not in RESUMABLE_STATES:
                 why = "it has finished" if job.state == "done" else "it has not ended"
-                raise JobError(409, "job_not_resumable", f"job {job_id} is {job.state}: {why}; only a stopped, "
+                raise ApiError(409, "job_not_resumable", f"job {job_id} is {job.state}: {why}; only a stopped, "
                                "interrupted or failed job can be resumed")
             job.state, job.queued_at, job.error, job.stop_reason = "queued", time.time(), None, None
             job.ended_at = job.returncode = None
@@ -372,7 +359,7 @@ class JobManager:
             return self._view(job)
 
     def file(self, job_id: str, which: str) -> Path:
-        """The job's ``curves`` (PNG) or ``model`` (.ssstask) file. Raises JobError 404 (unknown job
+        """The job's ``curves`` (PNG) or ``model`` (.ssstask) file. Raises ApiError 404 (unknown job
         or no such file yet, with a message saying when it appears)."""
         with self._lock:
             job = self._job(job_id)
@@ -382,13 +369,13 @@ class JobManager:
             return path
         when = ("after the first validation" if which == "curves"
                 else "when the job is done (or stopped after a checkpoint)")
-        raise JobError(404, f"no_{which}", f"job {job_id} ({job.state}) has no {which} file yet; it appears {when}")
+        raise ApiError(404, f"no_{which}", f"job {job_id} ({job.state}) has no {which} file yet; it appears {when}")
 
     # -- internals: records -------------------------------------------------------------------------
     def _job(self, job_id: str) -> Job:
         job = self._jobs.get(str(job_id)) if _JOB_ID_RE.match(str(job_id)) else None
         if job is None:
-            raise JobError(404, "unknown_job", f"no job {job_id!r} on this server (GET /v1/jobs lists them)")
+            raise not_found("job", str(job_id), "GET /v1/jobs lists this server's jobs")
         return job
 
     def _save(self, job: Job) -> None:
@@ -433,25 +420,19 @@ class JobManager:
         from .paths import PathRefused, resolve_under_root
 
         if not isinstance(ref, Mapping) or len(ref) != 1 or not ({"upload_id", "path"} & set(ref)):
-            raise JobError(422, "bad_request", f"{role} must be {{\"upload_id\": ID}} (from POST /v1/uploads) or "
+            raise ApiError(422, "bad_request", f"{role} must be {{\"upload_id\": ID}} (from POST /v1/uploads) or "
                            "{\"path\": PATH} (relative to the server's data root)")
         if "upload_id" in ref:
-            from .uploads import UnknownUpload
-
-            try:
-                folder = Path(self.uploads.get(str(ref["upload_id"]))["path"])
-            except UnknownUpload as err:
-                raise JobError(404, "unknown_upload", str(err)) from None
+            folder = Path(self.uploads.get(str(ref["upload_id"]))["path"])
         else:
             try:
                 folder = resolve_under_root(ref["path"], self.data_root)
             except PathRefused as err:
-                status = {"bad_path": 400, "path_not_found": 404}.get(err.code, 403)
-                raise JobError(status, err.code, str(err)) from None
+                raise from_library_error(err) from None
         try:
             info = describe_dataset(folder, layout if role == "labeled" else "auto")
         except InputError as err:
-            raise JobError(422, "bad_dataset", f"the {role} data ({self._describe_ref(ref)}) cannot be used: "
+            raise ApiError(422, "bad_dataset", f"the {role} data ({self._describe_ref(ref)}) cannot be used: "
                            f"{str(err).replace(str(folder), 'the dataset folder')}") from None
         return {**dict(ref), "resolved": str(folder), "_info": info}
 

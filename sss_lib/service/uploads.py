@@ -33,7 +33,8 @@ import zlib
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Iterator
 
-from ..errors import InputError, SSSError
+from ..errors import InputError
+from .http_errors import ApiError, not_found
 
 log = logging.getLogger(__name__)
 
@@ -46,20 +47,13 @@ _ID_RE = re.compile(r"^[0-9a-f]{16,64}$")
 _SKIPPED_TOPS = ("__MACOSX",)  # macOS resource-fork folders, never data
 
 
-class ArchiveError(SSSError):
-    """An archive that cannot be used; the message says what is wrong and what to do.
-
-    Attributes:
-        too_large: True when the archive is refused for its size (HTTP 413, else 422).
-    """
+class ArchiveError(ApiError):
+    """An archive that cannot be used (HTTP 422 ``bad_archive``, or 413 ``archive_too_large`` when
+    ``too_large``); the message says what is wrong and what to do."""
 
     def __init__(self, message: str, *, too_large: bool = False) -> None:
-        super().__init__(message)
+        super().__init__(413 if too_large else 422, "archive_too_large" if too_large else "bad_archive", message)
         self.too_large = too_large
-
-
-class UnknownUpload(SSSError):
-    """No upload has this id (HTTP 404)."""
 
 
 def safe_member_path(name: str) -> PurePosixPath | None:
@@ -325,12 +319,12 @@ class UploadStore:
         """The record of ``upload_id`` with ``path``: the dataset folder.
 
         Raises:
-            UnknownUpload: no such upload.
+            ApiError: 404 ``unknown_upload``.
         """
         meta = self.root / str(upload_id) / "upload.json"
         if not _ID_RE.match(str(upload_id)) or not meta.is_file():
-            raise UnknownUpload(f"no upload {upload_id!r} on this server. Upload the dataset again "
-                                "(POST /v1/uploads) and use the upload_id it returns.")
+            raise not_found("upload", str(upload_id), "upload the dataset (POST /v1/uploads) and use the "
+                            "upload_id it returns")
         record = json.loads(meta.read_text(encoding="utf-8"))
         record["path"] = str(self.root / str(upload_id) / record["dataset"])
         return record

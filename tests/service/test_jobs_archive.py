@@ -153,7 +153,7 @@ def test_store_refuses_an_archive_without_a_dataset(tmp_path):
     with pytest.raises(ArchiveError, match="no dataset the trainer can read.*nnU-Net"):
         store.add_archive(archive)
     assert list(store) == [] and not archive.exists()
-    with pytest.raises(Exception, match="no upload"):
+    with pytest.raises(Exception, match="unknown upload"):
         store.get("0123456789abcdef")
-    with pytest.raises(Exception, match="no upload"):
+    with pytest.raises(Exception, match="unknown upload"):
         store.get("../../etc")

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from sss_lib.phantoms import make_phantom_dataset
-from sss_lib.service.jobs import JobError, JobManager
+from sss_lib.service.http_errors import ApiError
+from sss_lib.service.jobs import JobManager
 
 FAKE = [sys.executable, str(Path(__file__).with_name("jobs_fake_trainer.py"))]
 
@@ -116,7 +117,7 @@ def test_stop_then_resume_continues_from_the_checkpoint(tmp_path, data_root):
         stopped_at = view["step"]
         assert 2 <= stopped_at < 40 and view["resumable"] and view["files"]["model"]
         assert events(m, jid)[-2:] == ["checkpoint", "stop"]
-        with pytest.raises(JobError) as err:
+        with pytest.raises(ApiError) as err:
             m.stop(jid)
         assert err.value.status == 409
         lines_before = m.progress(jid)["next"]
@@ -127,7 +128,7 @@ def test_stop_then_resume_continues_from_the_checkpoint(tmp_path, data_root):
         start = json.loads(resumed[0]["message"])
         assert "--resume" in start["argv"] and start["resumed_from"] == stopped_at
         assert [r["step"] for r in resumed if r["event"] == "step"] == list(range(stopped_at + 1, 41))
-        with pytest.raises(JobError) as err:
+        with pytest.raises(ApiError) as err:
             m.resume(jid)
         assert err.value.status == 409 and "finished" in str(err.value)
     finally:
@@ -156,7 +157,7 @@ def test_failed_trainer_gives_its_message(tmp_path, data_root):
         view = wait_state(m, jid, ("failed",))
         assert view["error"]["code"] == "training_failed" and "could not be read" in view["error"]["message"]
         assert view["resumable"]
-        with pytest.raises(JobError) as err:
+        with pytest.raises(ApiError) as err:
             m.file(jid, "model")
         assert err.value.status == 404 and "done" in str(err.value)
     finally:
@@ -252,7 +253,7 @@ def test_gpu_server_runs_a_job_per_free_gpu(tmp_path, data_root):
         job.gpu_ids = [0, 1]
         cmd = m._command(job)
         assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-        with pytest.raises(JobError) as err:
+        with pytest.raises(ApiError) as err:
             m.submit({"path": "Dataset001_Lab"}, settings={"gpus": 3})
         assert err.value.status == 422 and "2 GPU" in str(err.value)
     finally:
@@ -265,7 +266,7 @@ def test_gpu_server_runs_a_job_per_free_gpu(tmp_path, data_root):
     ({"path": "nowhere"}, {}, 404, "does not exist"),
     ({"path": "empty"}, {}, 422, "cannot be used"),
     ({"path": "unl"}, {}, 422, "no labeled case"),
-    ({"upload_id": "0123456789abcdef0123"}, {}, 404, "no upload"),
+    ({"upload_id": "0123456789abcdef0123"}, {}, 404, "unknown upload"),
     ({"file": "x"}, {}, 422, "upload_id"),
     ({"path": "Dataset001_Lab"}, {"iterations": 0}, 422, "at least 1"),
     ({"path": "Dataset001_Lab"}, {"run_dir": "/tmp/x"}, 422, "chosen by the server"),
@@ -274,7 +275,7 @@ def test_gpu_server_runs_a_job_per_free_gpu(tmp_path, data_root):
 ])
 def test_refused_submissions(tmp_path, data_root, labeled, settings, status, words):
     m = JobManager(tmp_path / "jobs", data_root=data_root, trainer=FAKE)
-    with pytest.raises(JobError) as err:
+    with pytest.raises(ApiError) as err:
         m.submit(labeled, settings=settings)
     assert err.value.status == status and words in str(err.value), str(err.value)
     assert not any((tmp_path / "jobs" / "jobs").iterdir())  # nothing was queued
@@ -283,9 +284,9 @@ def test_refused_submissions(tmp_path, data_root, labeled, settings, status, wor
 def test_unknown_job_and_data_root_off(tmp_path, data_root):
     m = JobManager(tmp_path / "jobs", trainer=FAKE)
     for call in (lambda: m.get("0123456789ab"), lambda: m.stop("../../etc"), lambda: m.progress("zz")):
-        with pytest.raises(JobError) as err:
+        with pytest.raises(ApiError) as err:
             call()
         assert err.value.status == 404 and err.value.code == "unknown_job"
-    with pytest.raises(JobError) as err:
+    with pytest.raises(ApiError) as err:
         m.submit({"path": "Dataset001_Lab"})
     assert err.value.status == 403 and "--data-root" in str(err.value)
