@@ -9,20 +9,30 @@ box is its two opposite corners ``[[x, y, z], [x, y, z]]``; the key slice is whe
 (voxel form)::
 
     {
-      "format": "sss-prompts", "version": 1,
+      "format": "sss-prompts", "version": 2,
       "coordinates": "voxel", "slice_axis": "k",
       "classes": [
         {"label": 1, "name": "tumour", "color": [230, 80, 60],
          "prompts": [
            {"key_slice": 23, "box": [180, 200, 215, 236],
             "positive_points": [[197, 218]], "negative_points": [],
-            "source": "user"}
+            "source": "user"},
+           {"key_slice": 27, "kind": "absent", "source": "user"}
          ]}
       ]
     }
 
 ``source`` is the provenance: ``"auto"`` (made by PCSW) or ``"user"`` (placed or edited by a person).
 A re-run never replaces a ``"user"`` prompt.
+
+``"kind": "absent"`` is a **"not on this slice"** marker: the class is absent from that slice. It has
+no box and no points; the class is empty there and propagation never crosses it (see
+:mod:`sss_lib.engine`). In physical coordinates it is ``{"kind": "absent", "point": [x, y, z]}``, any
+LPS point on the slice (the writer uses the slice's centre). A prompt without ``kind`` is a box/point
+prompt (``"kind": "prompt"``). Version 1 files (no ``kind``) are read unchanged.
+
+On one slice of one class, ``"user"`` prompts and markers override ``"auto"`` ones; a user prompt and
+a user "absent" marker on the same slice contradict each other and are refused.
 """
 
 from __future__ import annotations
@@ -40,7 +50,9 @@ from .volume import SliceAxis, Volume, axis_from_name
 
 Source = Literal["auto", "user"]
 FORMAT_NAME = "sss-prompts"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: "kind": "absent" markers; version 1 files are still read
+KIND_PROMPT = "prompt"
+KIND_ABSENT = "absent"
 _AXIS_NAMES = {0: "i", 1: "j", 2: "k"}
 
 
@@ -54,6 +66,8 @@ class SlicePrompt:
         positive_points / negative_points: lists of ``(x, y)`` pixels.
         source: provenance, ``"auto"`` or ``"user"``.
         confidence: PCSW's confidence (1.0 for user prompts); below 0.5 means a fallback prompt.
+        absent: True for a "not on this slice" marker: the class is absent from ``key_slice``
+            (no box, no points). Build one with :meth:`not_on_slice`.
     """
 
     key_slice: int
@@ -62,6 +76,12 @@ class SlicePrompt:
     negative_points: list[tuple[float, float]] = dataclasses.field(default_factory=list)
     source: Source = "user"
     confidence: float = 1.0
+    absent: bool = False
+
+    @classmethod
+    def not_on_slice(cls, key_slice: int, source: Source = "user") -> "SlicePrompt":
+        """A "not on this slice" marker: the class is absent from ``key_slice``."""
+        return cls(key_slice=key_slice, source=source, absent=True)
 
     def __post_init__(self) -> None:
         self.key_slice = int(self.key_slice)
@@ -72,8 +92,18 @@ class SlicePrompt:
         self.negative_points = [(float(x), float(y)) for x, y in self.negative_points]
         if self.source not in ("auto", "user"):
             raise PromptError(f"prompt source must be 'auto' or 'user', got {self.source!r}")
-        if self.box is None and not self.positive_points:
-            raise PromptError(f"a prompt on slice {self.key_slice} needs a box or a positive point")
+        self.absent = bool(self.absent)
+        if self.absent:
+            if self.box is not None or self.positive_points or self.negative_points:
+                raise PromptError(
+                    f"the 'not on this slice' marker on slice {self.key_slice} cannot have a box or points; "
+                    "make it a separate prompt"
+                )
+        elif self.box is None and not self.positive_points:
+            raise PromptError(
+                f"a prompt on slice {self.key_slice} needs a box or a positive point (or mark the slice "
+                "'not on this slice')"
+            )
 
     def check_inside(self, shape_shw: tuple[int, int, int]) -> None:
         """Raise :class:`PromptError` unless the prompt lies on the ``(S, H, W)`` stack."""
@@ -99,12 +129,46 @@ class ClassPrompts:
     prompts: list[SlicePrompt]
     color: tuple[int, int, int] = (255, 0, 0)
 
+    def __post_init__(self) -> None:
+        self.by_slice()  # refuse contradictions early
+
     def fingerprint(self) -> str:
-        """A hash of everything that changes the class's segmentation (not name or colour)."""
-        # Rounded to 1/1000 px so a physical-coordinate round trip does not count as an edit.
-        prompts = [_prompt_to_json(p) for p in sorted(self.prompts, key=lambda p: p.key_slice)]
-        payload = json.dumps([self.label, _rounded(prompts)], sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        """A hash of everything that changes the class's segmentation (not name or colour),
+        "not on this slice" markers included."""
+        return prompts_fingerprint(self.label, self.prompts)
+
+    def by_slice(self) -> dict[int, list[SlicePrompt]]:
+        """Slice -> the prompts that count there, sorted by slice.
+
+        Where a slice holds ``"user"`` prompts or markers, its ``"auto"`` ones are ignored (a user's
+        edit is never overridden). A slice holds either box/point prompts or "absent" markers.
+
+        Raises:
+            PromptError: a slice with both a prompt and a "not on this slice" marker of the user.
+        """
+        by_slice: dict[int, list[SlicePrompt]] = {}
+        for p in self.prompts:
+            by_slice.setdefault(p.key_slice, []).append(p)
+        out: dict[int, list[SlicePrompt]] = {}
+        for s in sorted(by_slice):
+            ps = by_slice[s]
+            ps = [p for p in ps if p.source == "user"] or ps
+            absent = [p for p in ps if p.absent]
+            if absent and len(absent) < len(ps):
+                raise PromptError(
+                    f"class {self.name!r} has both a prompt and a 'not on this slice' marker on slice {s}; "
+                    "delete one of them"
+                )
+            out[s] = ps
+        return out
+
+    def key_slices(self) -> dict[int, list[SlicePrompt]]:
+        """Slice -> its box/point prompts (see :meth:`by_slice`), sorted by slice."""
+        return {s: ps for s, ps in self.by_slice().items() if not ps[0].absent}
+
+    def absent_slices(self) -> list[int]:
+        """The slices marked "not on this slice" (see :meth:`by_slice`), sorted."""
+        return [s for s, ps in self.by_slice().items() if ps[0].absent]
 
 
 @dataclasses.dataclass
@@ -169,7 +233,7 @@ class PromptSet:
         try:
             if data.get("format", FORMAT_NAME) != FORMAT_NAME:
                 raise PromptError(f"not an SSS prompts file (format {data.get('format')!r})")
-            if int(data.get("version", FORMAT_VERSION)) > FORMAT_VERSION:
+            if int(data.get("version", 1)) > FORMAT_VERSION:
                 raise PromptError(f"prompts format version {data['version']} is newer than this SSS")
             coords = data.get("coordinates", "voxel")
             if coords not in ("voxel", "physical"):
@@ -179,6 +243,9 @@ class PromptSet:
             for c in data["classes"]:
                 prompts = []
                 for p in c["prompts"]:
+                    kind = p.get("kind", KIND_PROMPT)
+                    if kind not in (KIND_PROMPT, KIND_ABSENT):
+                        raise PromptError(f"prompt 'kind' must be {KIND_PROMPT!r} or {KIND_ABSENT!r}, got {kind!r}")
                     if coords == "physical":
                         p = _prompt_from_physical(p, volume, axis)
                     prompts.append(
@@ -189,6 +256,7 @@ class PromptSet:
                             negative_points=[tuple(q) for q in p.get("negative_points", [])],
                             source=p.get("source", "user"),
                             confidence=float(p.get("confidence", 1.0)),
+                            absent=kind == KIND_ABSENT,
                         )
                     )
                 color = tuple(int(v) for v in c.get("color", (255, 0, 0)))
@@ -217,6 +285,17 @@ class PromptSet:
         return cls.from_json(data, volume, source=str(path))
 
 
+def prompts_fingerprint(label: int, prompts: Sequence[SlicePrompt]) -> str:
+    """A 16-hex-digit hash of ``prompts`` (any order) for ``label``: equal iff they segment alike.
+
+    Rounded to 1/1000 px so a physical-coordinate round trip does not count as an edit.
+    """
+    items = sorted((_prompt_to_json(p) for p in prompts), key=lambda d: json.dumps(d, sort_keys=True))
+    items.sort(key=lambda d: d["key_slice"])
+    payload = json.dumps([int(label), _rounded(items)], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
 def _rounded(obj: Any) -> Any:
     if isinstance(obj, float):
         return round(obj, 3) + 0.0  # + 0.0 turns -0.0 into 0.0
@@ -228,6 +307,8 @@ def _rounded(obj: Any) -> Any:
 
 
 def _prompt_to_json(p: SlicePrompt) -> dict[str, Any]:
+    if p.absent:
+        return {"key_slice": p.key_slice, "kind": KIND_ABSENT, "source": p.source}
     return {
         "key_slice": p.key_slice,
         "box": list(p.box) if p.box is not None else None,
@@ -252,6 +333,11 @@ def _lps_to_stack(volume: Volume, axis: SliceAxis, lps: Sequence[float]) -> np.n
 def _prompt_to_physical(d: dict[str, Any], p: SlicePrompt, volume: Volume, axis: SliceAxis) -> dict[str, Any]:
     out = dict(d)
     del out["key_slice"]
+    if p.absent:
+        # Any point on the slice says which slice it is; the slice's centre is a natural one.
+        _, h, w = axis.to_stack(volume.voxels).shape
+        out["point"] = _stack_to_lps(volume, axis, p.key_slice, ((w - 1) / 2.0, (h - 1) / 2.0))
+        return out
     if p.box is not None:
         out["box"] = [_stack_to_lps(volume, axis, p.key_slice, p.box[:2]),
                       _stack_to_lps(volume, axis, p.key_slice, p.box[2:])]
@@ -269,6 +355,13 @@ def _prompt_from_physical(d: dict[str, Any], volume: Volume, axis: SliceAxis) ->
         slices.append(s)
         return [float(x), float(y)]
 
+    if d.get("kind") == KIND_ABSENT:
+        if d.get("point") is None:
+            raise PromptError("a physical 'not on this slice' marker needs a 'point' [x, y, z] on its slice")
+        conv(d["point"])
+        out.pop("point")
+        out["key_slice"] = int(round(slices[0]))
+        return out
     if d.get("box") is not None:
         a, b = d["box"]
         out["box"] = conv(a) + conv(b)

@@ -274,9 +274,8 @@ def test_two_key_slices_of_one_class_cover_the_object_once(backbone, phantom_run
         logits[step.slice_index] = step.logits[2]
     present = sorted(s for s, lg in logits.items() if (lg > 0).any())
     assert present == sorted(s for s, lg in both[2].items() if (lg > 0).any())
-    # A slice is yielded again only when the run from the nearer key slice (10) reaches it.
-    repeated = {s for s in seen if seen.count(s) > 1}
-    assert repeated and all(10 - s < s - 5 for s in repeated)
+    # Each slice once: between the key slices the nearer key slice's run is the only one asked.
+    assert len(seen) == len(set(seen))
     assert (logits[10] > 0)[44, 44] and (logits[5] > 0)[44, 44]
 
 

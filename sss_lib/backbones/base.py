@@ -9,6 +9,12 @@ Shapes and coordinates:
       the backbone resizes it to its ``image_size`` and normalises it itself;
     * prompts are :class:`sss_lib.prompts.SlicePrompt` in slice pixels: XY points, XYXY boxes;
     * logits come back at the slice resolution ``(H, W)``, float32; > 0 means inside.
+
+Propagation is cut into spans by each class's key slices and "not on this slice" markers
+(:mod:`.spans` says how a slice's result is chosen). A backbone implements the two pieces,
+:meth:`Backbone.segment_key` (a key slice from its own prompts) and :meth:`Backbone.propagate_span`
+(one span from its bounding key slices); :meth:`Backbone.propagate` puts them together for whole
+classes, and the engine calls them directly to recompute only the spans a prompt edit changed.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from ..prompts import SlicePrompt
+from .spans import Run, Span, effective_prompts, plan_class, resolve_span
 
 # Logit written where a propagation never reached (the object ended before this slice).
 ABSENT_LOGIT = -32.0
@@ -66,18 +73,71 @@ class Backbone(abc.ABC):
         tensors detached from autograd; the engine keeps it in its cache.
         """
 
-    @abc.abstractmethod
+    def check_prompts(self, label: int, key_slices: Mapping[int, Sequence[SlicePrompt]],
+                      shape_shw: tuple[int, int, int]) -> None:
+        """Raise :class:`~sss_lib.errors.PromptError` for prompts this backbone cannot use.
+
+        ``key_slices``: slice -> the effective box/point prompts there (no "absent" markers).
+        Called before anything is embedded. The default accepts every prompt inside the stack.
+        """
+        for ps in key_slices.values():
+            for p in ps:
+                p.check_inside(shape_shw)
+
+    def segment_key(self, slices: np.ndarray, embedding: EmbeddingLookup, label: int, index: int,
+                    prompts: Sequence[SlicePrompt]) -> np.ndarray:
+        """Key slice ``index`` of class ``label`` from its own ``prompts`` alone: ``(H, W)`` float32
+        logits. Never depends on other slices' prompts (a user's box gives its own segmentation)."""
+        raise NotImplementedError(f"{type(self).__name__} does not segment key slices on their own")
+
+    def propagate_span(self, slices: np.ndarray, embedding: EmbeddingLookup, label: int,
+                       span: Span) -> Iterator[PropagationStep]:
+        """Class ``label`` on the slices of ``span`` from its bounding key slices (whose ``logits``
+        are set), following :func:`.spans.resolve_span`: at most one step per slice, none outside
+        the span. Must fetch embeddings only through ``embedding``; closing it early leaves no state.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not propagate spans")
+
+    @classmethod
+    def propagates_spans(cls) -> bool:
+        """True when the backbone implements :meth:`segment_key` and :meth:`propagate_span`."""
+        return cls.propagate_span is not Backbone.propagate_span and cls.segment_key is not Backbone.segment_key
+
     def propagate(
         self,
         slices: np.ndarray,
         embedding: EmbeddingLookup,
         objects: Mapping[int, Sequence[SlicePrompt]],
     ) -> Iterator[PropagationStep]:
-        """Segment ``objects`` (label -> its key-slice prompts) through ``slices`` ``(S, H, W)``.
+        """Segment ``objects`` (label -> its prompts, "absent" markers included) through ``slices`` ``(S, H, W)``.
 
-        Propagates forward and backward from each object's key slices and stops, per object and
-        direction, where the object has ended. Yields one :class:`PropagationStep` per slice it
-        visits, in any order; a slice may be yielded twice (once per direction), in which case the
-        later logits win. Must fetch embeddings only through ``embedding`` so the cache is used.
-        Closing the generator early (cancel) must leave no state behind.
+        Each class on its own: its key slices from their own prompts, then each span from its
+        bounding key slices (see :mod:`.spans`). Never yields a class on an "absent" slice nor
+        beyond one; a class with no key slice yields nothing. Yields one :class:`PropagationStep`
+        per slice and class, key slices first. Prompts are checked (:meth:`check_prompts`) before
+        anything is embedded. Closing the generator early (cancel) leaves no state behind.
         """
+        shape = tuple(int(n) for n in slices.shape)
+        plans = {}
+        for label, prompts in objects.items():
+            plan = plan_class(effective_prompts(list(prompts), int(label)), shape[0])
+            self.check_prompts(int(label), {k: key.prompts for k, key in plan.keys.items()}, shape)  # type: ignore[arg-type]
+            plans[int(label)] = plan
+        for label, plan in plans.items():
+            logits = {k: self.segment_key(slices, embedding, label, k, key.prompts) for k, key in plan.keys.items()}
+            for k in plan.keys:
+                yield PropagationStep(k, {label: logits[k]})
+            for span in plan.with_key_logits(logits).spans():
+                yield from self.propagate_span(slices, embedding, label, span)
+
+
+def span_steps(label: int, span: Span, forward: Run | None, backward: Run | None) -> Iterator[PropagationStep]:
+    """:meth:`Backbone.propagate_span`'s usual body: the span's two runs (``forward`` from
+    ``span.below`` upwards, ``backward`` from ``span.above`` downwards, None where there is no key
+    slice) resolved by :func:`.spans.resolve_span`, as steps of ``label``."""
+    resolved = resolve_span(span, forward, backward)
+    try:
+        for s, logits in resolved:
+            yield PropagationStep(s, {label: logits})
+    finally:
+        resolved.close()

@@ -25,8 +25,9 @@ import numpy as np
 
 from ..errors import PromptError, WeightsError
 from ..prompts import SlicePrompt
-from .base import Backbone, EmbeddingLookup, PropagationStep
+from .base import Backbone, EmbeddingLookup, PropagationStep, span_steps
 from .litemedsam_stop import StopRule
+from .spans import Span
 
 if TYPE_CHECKING:
     import torch
@@ -222,35 +223,43 @@ class LiteMedSamBackbone(Backbone):
         size = tuple(shape_hw) if shape_hw is not None else embedding.slice_shape
         return F.interpolate(maps[..., :nh, :nw], size=size, mode="bilinear", align_corners=False)
 
-    # -- propagation -------------------------------------------------------------------------------
-    def propagate(
-        self,
-        slices: np.ndarray,
-        embedding: EmbeddingLookup,
-        objects: Mapping[int, Sequence[SlicePrompt]],
-    ) -> Iterator[PropagationStep]:
-        """Segment each class independently from its key slices, forward and backward.
-
-        ``slices`` is the preprocessed ``(S, H, W)`` stack (used for the stop rule's intensity
-        statistics). Each yielded step holds one class's ``(H, W)`` logits on one slice. Where two
-        key slices of a class enclose a slice, the run from the nearer key slice wins.
+    # -- propagation (see .spans: key slices, spans, the nearest-reaching rule) ---------------------
+    def check_prompts(self, label: int, key_slices: Mapping[int, Sequence[SlicePrompt]],
+                      shape_shw: tuple[int, int, int]) -> None:
+        """Every key-slice prompt needs a box (checked before anything is embedded).
 
         Raises:
-            PromptError: a prompt without a box (checked before anything is embedded).
+            PromptError: a prompt without a box, or outside the stack.
         """
-        from .litemedsam_propagate import propagate_class
+        super().check_prompts(label, key_slices, shape_shw)
+        for k, ps in key_slices.items():
+            if any(p.box is None for p in ps):
+                raise PromptError(
+                    f"class {label}: the prompt on slice {k} has points but no box; "
+                    "LiteMedSAM was trained with boxes only: draw a box around the object, or use a "
+                    "SAM-2 backbone for point-only prompts"
+                )
 
-        for label, prompts in objects.items():
-            for p in prompts:
-                if p.box is None:
-                    raise PromptError(
-                        f"class {label}: the prompt on slice {p.key_slice} has points but no box; "
-                        "LiteMedSAM was trained with boxes only: draw a box around the object, or use a "
-                        "SAM-2 backbone for point-only prompts"
-                    )
-        for label, prompts in objects.items():
-            yield from propagate_class(self.decode, slices, embedding, int(label), list(prompts), self.stop_rule,
-                                       carry_points=self.carry_points)
+    def segment_key(self, slices: np.ndarray, embedding: EmbeddingLookup, label: int, index: int,
+                    prompts: Sequence[SlicePrompt]) -> np.ndarray:
+        """Decode key slice ``index`` from its own prompts (several: united by the max of logits)."""
+        from .litemedsam_propagate import segment_key_slice
+
+        return segment_key_slice(self.decode, embedding, index, prompts)
+
+    def propagate_span(self, slices: np.ndarray, embedding: EmbeddingLookup, label: int,
+                       span: Span) -> Iterator[PropagationStep]:
+        """Carry the bounding key slices' masks into ``span`` (``slices``: the preprocessed
+        ``(S, H, W)`` stack, for the stop rule's intensity statistics)."""
+        from .litemedsam_propagate import carry_run
+
+        def run(key: Any, direction: int, stop: int) -> Any:
+            if key is None:
+                return None
+            return carry_run(self.decode, slices, embedding, key, direction, stop, self.stop_rule,
+                             carry_points=self.carry_points)
+
+        yield from span_steps(label, span, run(span.below, +1, span.hi + 1), run(span.above, -1, span.lo - 1))
 
 
 def build_litemedsam_backbone(*, device: Any = "cpu", stop_rule: StopRule | None = None) -> LiteMedSamBackbone:

@@ -1,20 +1,22 @@
 """Carried 2D propagation of one class through a slice stack (the MedSAM 3D recipe, with a stop).
 
-From each key slice the class is decoded from its prompts; then, forward and backward, each next
-slice is prompted with the (slightly enlarged) box of the previous slice's mask, until the
-:class:`~.litemedsam_stop.StopRule` says the object has ended, the stack ends, or the next key
-slice of the same class is reached (that key slice's own prompt takes over from there).
+A key slice is decoded from its own prompts (:func:`segment_key_slice`). From it, a run
+(:func:`carry_run`) prompts each next slice with the (slightly enlarged) box of the previous slice's
+mask, until the :class:`~.litemedsam_stop.StopRule` says the object has ended or the run reaches
+the edge of its span (the next key slice or "not on this slice" marker, or the stack's end). Which
+run a slice's result comes from is decided by :func:`.spans.resolve_span`.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from ..prompts import SlicePrompt
-from .base import EmbeddingLookup, PropagationStep
+from .base import EmbeddingLookup
+from .spans import KeySlice, Run
 from .litemedsam_stop import SliceObservation, StopRule, observe
 
 log = logging.getLogger(__name__)
@@ -68,70 +70,46 @@ def carried_points(
     return [choose(mask)], negative
 
 
-def _key_prompts(prompts: list[SlicePrompt]) -> dict[int, list[SlicePrompt]]:
-    """Key slice -> its prompts; where a slice has user prompts, auto ones there are ignored."""
-    by_slice: dict[int, list[SlicePrompt]] = {}
-    for p in prompts:
-        by_slice.setdefault(p.key_slice, []).append(p)
-    for k, ps in by_slice.items():
-        users = [p for p in ps if p.source == "user"]
-        by_slice[k] = users or ps
-    return dict(sorted(by_slice.items()))
+def segment_key_slice(decode: Decoder, embedding: EmbeddingLookup, index: int,
+                      prompts: Sequence[SlicePrompt]) -> np.ndarray:
+    """Key slice ``index`` from its own prompts: ``(H, W)`` float32 logits. Several prompts on one
+    slice (e.g. two boxes around two parts) are decoded separately and united (max of logits)."""
+    decoded = [decode(embedding(index), p.box, p.positive_points, p.negative_points) for p in prompts]
+    return np.max([d.logits for d in decoded], axis=0).astype(np.float32, copy=False)
 
 
-def propagate_class(
+def carry_run(
     decode: Decoder,
     slices: np.ndarray,
     embedding: EmbeddingLookup,
-    label: int,
-    prompts: list[SlicePrompt],
+    key: KeySlice,
+    direction: int,
+    stop: int,
     rule: StopRule,
     carry_points: bool = False,
-) -> Iterator[PropagationStep]:
-    """Yield one :class:`PropagationStep` (this ``label`` only) per slice the class reaches.
-
-    ``slices`` is the preprocessed ``(S, H, W)`` stack (for the rule's intensity statistics).
-    ``carry_points``: carried prompts hold :func:`carried_points` as well as the box.
-    Several prompts on one key slice (e.g. two boxes around two parts) are decoded separately and
-    united (max of logits). Between two key slices both runs go on; a slice's logits come from the
-    nearer key slice (a slice is yielded again only when a nearer run reaches it).
-    """
-    n = slices.shape[0]
-    by_slice = _key_prompts(prompts)
-    keys = list(by_slice)
-    distance: dict[int, int] = {}  # slice -> distance to the key slice of its yielded logits
-
-    start: dict[int, tuple[np.ndarray, SliceObservation]] = {}
-    for k, ps in by_slice.items():
-        decoded = [decode(embedding(k), p.box, p.positive_points, p.negative_points) for p in ps]
-        logits = np.max([d.logits for d in decoded], axis=0)
-        score = min(d.iou_pred for d in decoded)
-        obs = observe(logits > 0, score, slices[k], None, None)
-        start[k] = (logits > 0, obs)
-        distance[k] = 0
-        log.debug("class %d key slice %d: area %d px, IoU score %.2f", label, k, obs.area, obs.iou_pred)
-        yield PropagationStep(k, {label: logits})
-
-    for direction in (+1, -1):
-        for idx, k in enumerate(keys):
-            nxt = idx + direction
-            limit = keys[nxt] if 0 <= nxt < len(keys) else (n if direction > 0 else -1)
-            prev_mask, key_obs = start[k]
-            prev_obs = key_obs
-            if key_obs.area == 0:
-                log.info("class %d: empty mask on key slice %d, nothing to carry", label, k)
-                continue
-            for s in range(k + direction, limit, direction):
-                box = carried_box(prev_mask, rule.box_margin_fraction, rule.box_margin_px)
-                pos, neg = carried_points(prev_mask) if carry_points else ([], [])
-                cur = decode(embedding(s), box, pos, neg)
-                mask = cur.logits > 0
-                obs = observe(mask, cur.iou_pred, slices[s], prev_mask, box)
-                reason = rule.stop_reason(key_obs, prev_obs, obs)
-                if reason is not None:
-                    log.debug("class %d stops at slice %d (going %+d): %s", label, s, direction, reason)
-                    break
-                if abs(s - k) < distance.get(s, n + 1):
-                    distance[s] = abs(s - k)
-                    yield PropagationStep(s, {label: cur.logits})
-                prev_mask, prev_obs = mask, obs
+) -> Run:
+    """The run from ``key`` (its ``logits`` set) towards ``direction`` (+1 up, -1 down), up to but
+    not including slice ``stop``: yields ``(slice, (H, W) float32 logits)`` until the stop rule
+    ends it. ``slices`` is the preprocessed ``(S, H, W)`` stack (for the rule's intensity
+    statistics); ``carry_points``: carried prompts hold :func:`carried_points` as well as the box.
+    An empty key mask carries nothing."""
+    assert key.logits is not None, "decode the key slice first"
+    k = key.index
+    prev_mask = key.logits > 0
+    key_obs = observe(prev_mask, 1.0, slices[k], None, None)
+    prev_obs = key_obs
+    if key_obs.area == 0:
+        log.info("empty mask on key slice %d, nothing to carry", k)
+        return
+    for s in range(k + direction, stop, direction):
+        box = carried_box(prev_mask, rule.box_margin_fraction, rule.box_margin_px)
+        pos, neg = carried_points(prev_mask) if carry_points else ([], [])
+        cur = decode(embedding(s), box, pos, neg)
+        mask = cur.logits > 0
+        obs = observe(mask, cur.iou_pred, slices[s], prev_mask, box)
+        reason = rule.stop_reason(key_obs, prev_obs, obs)
+        if reason is not None:
+            log.debug("run from key slice %d stops at slice %d (going %+d): %s", k, s, direction, reason)
+            return
+        yield s, cur.logits
+        prev_mask, prev_obs = mask, obs

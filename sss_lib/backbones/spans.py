@@ -1,0 +1,187 @@
+"""How one class's key slices and "not on this slice" markers cut a stack into spans.
+
+This is the one place that says which propagation a slice's result comes from; every backbone
+(:meth:`~.base.Backbone.propagate`) and the engine (:mod:`sss_lib.engine`) follow it.
+
+A class's *markers* are its key slices (box/point prompts) and its "absent" slices ("not on this
+slice"). Sorted along the stack they cut it into gaps: the slices strictly between two neighbouring
+markers, or between a marker and an end of the stack.
+
+* A key slice's result is its own prompt's segmentation (:meth:`~.base.Backbone.segment_key`),
+  never a propagated one.
+* An absent slice is empty.
+* A gap with a key slice on at least one side is a :class:`Span`. A *run* starts at each bounding
+  key slice and goes into the span (forward from the key below, backward from the key above) until
+  the backbone says the object has ended or the span ends: a run never leaves its span, so it never
+  crosses a marker. Each slice of the span takes the result of the **nearest key slice whose run
+  reached it**; at equal distance the key below wins. A slice no run reached is empty.
+* A gap with no key slice on either side (between two absent markers, or between an absent marker
+  and the stack's end, or a class with no key slice at all) is empty.
+
+So a span's result depends only on the span's two bounding markers: editing one marker changes only
+the spans it bounds (the slices up to its neighbouring markers), which is what lets the engine
+recompute only those.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from ..prompts import SlicePrompt, prompts_fingerprint
+
+
+@dataclasses.dataclass(frozen=True)
+class KeySlice:
+    """A key slice of one class: its effective prompts and (once decoded) its own segmentation.
+
+    Attributes:
+        index: slice index.
+        prompts: the prompts that count there (see :meth:`sss_lib.prompts.ClassPrompts.by_slice`).
+        logits: ``(H, W)`` float32 logits of :meth:`~.base.Backbone.segment_key`, or None until decoded.
+    """
+
+    index: int
+    prompts: tuple[SlicePrompt, ...]
+    logits: np.ndarray | None = None
+
+    def fingerprint(self, label: int) -> str:
+        return prompts_fingerprint(label, self.prompts)
+
+
+@dataclasses.dataclass(frozen=True)
+class Span:
+    """Slices ``lo..hi`` (inclusive) between two markers, with the key slices that bound it.
+
+    ``below`` is the key slice at ``lo - 1`` (None: an absent marker or the stack's start is there);
+    ``above`` the key slice at ``hi + 1`` (None: an absent marker or the stack's end). At least one
+    of them is set.
+    """
+
+    lo: int
+    hi: int
+    below: KeySlice | None
+    above: KeySlice | None
+
+    def slices(self) -> range:
+        return range(self.lo, self.hi + 1)
+
+    def identity(self, label: int) -> tuple:
+        """Equal for two spans whose results are equal: same slices, same bounding prompts."""
+        return (self.lo, self.hi,
+                self.below.fingerprint(label) if self.below is not None else None,
+                self.above.fingerprint(label) if self.above is not None else None)
+
+    def owner(self, s: int) -> int:
+        """+1 if slice ``s`` is nearer the key below (or equally near), -1 if nearer the key above."""
+        if self.above is None:
+            return +1
+        if self.below is None:
+            return -1
+        return +1 if s - self.below.index <= self.above.index - s else -1
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassPlan:
+    """One class's key slices, absent slices and spans on a stack of ``n_slices``."""
+
+    keys: dict[int, KeySlice]
+    absent: tuple[int, ...]
+    n_slices: int
+
+    def spans(self) -> list[Span]:
+        """The spans (gaps with a key slice on at least one side), in stack order; uses the
+        :class:`KeySlice` objects of :attr:`keys` (with their logits, if set)."""
+        markers: list[tuple[int, KeySlice | None]] = sorted(
+            [(k, key) for k, key in self.keys.items()] + [(a, None) for a in self.absent], key=lambda m: m[0])
+        bounds = [(-1, None)] + markers + [(self.n_slices, None)]
+        out = []
+        for (a, key_a), (b, key_b) in zip(bounds, bounds[1:]):
+            if b - a > 1 and (key_a is not None or key_b is not None):
+                out.append(Span(a + 1, b - 1, key_a, key_b))
+        return out
+
+    def with_key_logits(self, logits: dict[int, np.ndarray]) -> "ClassPlan":
+        keys = {k: dataclasses.replace(key, logits=logits[k]) for k, key in self.keys.items()}
+        return dataclasses.replace(self, keys=keys)
+
+
+def plan_class(by_slice: dict[int, list[SlicePrompt]], n_slices: int) -> ClassPlan:
+    """The plan of a class from :meth:`~sss_lib.prompts.ClassPrompts.by_slice` (slice -> its
+    effective prompts, all prompts or all "absent" markers)."""
+    keys = {k: KeySlice(k, tuple(ps)) for k, ps in sorted(by_slice.items()) if not ps[0].absent}
+    absent = tuple(sorted(k for k, ps in by_slice.items() if ps[0].absent))
+    return ClassPlan(keys, absent, int(n_slices))
+
+
+def effective_prompts(prompts: Sequence[SlicePrompt], label: int = 0) -> dict[int, list[SlicePrompt]]:
+    """Slice -> effective prompts of a bare prompt list (as :meth:`ClassPrompts.by_slice`)."""
+    from ..prompts import ClassPrompts
+
+    return ClassPrompts(int(label), f"class {label}", list(prompts)).by_slice()
+
+
+# A run: (slice, (H, W) float32 logits) pairs, from its key slice outwards, one slice at a time,
+# ending where the backbone decides the object has ended (or at the span's edge).
+Run = Iterator[tuple[int, np.ndarray]]
+
+
+def resolve_span(span: Span, forward: Run | None, backward: Run | None) -> Iterator[tuple[int, np.ndarray]]:
+    """The span's result from its two runs, by the nearest-reaching rule (module docstring).
+
+    ``forward`` starts at ``span.lo`` going up (None without a key below), ``backward`` at
+    ``span.hi`` going down. Runs are advanced lazily: a run is asked for a slice only while that
+    slice may still be its own, so nothing is decoded (or embedded) past where it could count.
+    Yields each slice of the span at most once.
+    """
+    runs = {+1: _Peekable(forward), -1: _Peekable(backward)}
+    try:
+        yield from _resolve(span, runs)
+    finally:
+        for run in runs.values():
+            run.close()
+
+
+def _resolve(span: Span, runs: dict[int, "_Peekable"]) -> Iterator[tuple[int, np.ndarray]]:
+    taken: dict[int, int] = {}  # direction -> the last slice it yielded (its reach so far)
+
+    def advance(direction: int, while_ok) -> Iterator[tuple[int, np.ndarray]]:
+        run = runs[direction]
+        while True:
+            item = run.peek()
+            if item is None or not span.lo <= item[0] <= span.hi or not while_ok(item[0]):
+                return
+            run.pop()
+            taken[direction] = item[0]
+            yield item
+
+    # 1. Each run over the slices nearer its own key slice.
+    yield from advance(+1, lambda s: span.owner(s) > 0)
+    yield from advance(-1, lambda s: span.owner(s) < 0)
+    # 2. A run that ended early leaves its slices to the other run, as far as that one reaches.
+    f_end = taken.get(+1, span.lo - 1)
+    b_end = taken.get(-1, span.hi + 1)
+    yield from advance(+1, lambda s: s < b_end)
+    yield from advance(-1, lambda s: s > f_end)
+
+
+class _Peekable:
+    def __init__(self, run: Run | None) -> None:
+        self.run = run
+        self.head: tuple[int, np.ndarray] | None = None
+        self.done = run is None
+
+    def peek(self) -> tuple[int, np.ndarray] | None:
+        if self.head is None and not self.done:
+            self.head = next(self.run, None)  # type: ignore[arg-type]
+            self.done = self.head is None
+        return self.head
+
+    def pop(self) -> None:
+        self.head = None
+
+    def close(self) -> None:
+        if self.run is not None and hasattr(self.run, "close"):
+            self.run.close()  # type: ignore[union-attr]
