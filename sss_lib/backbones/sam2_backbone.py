@@ -39,6 +39,7 @@ from .base import Backbone, EmbeddingLookup, PropagationStep
 if TYPE_CHECKING:
     import torch
 
+    from .encoder_runtime import EncoderRuntime
     from .sam2_predictor import InMemoryVideoPredictor
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,8 @@ class Sam2Embedding:
         features: the FPN levels, high to low resolution, each ``(1, C_l, h_l, w_l)`` on the model's
             device, detached: ``(1, 32, s/4, s/4)``, ``(1, 64, s/8, s/8)`` and ``(1, 256, s/16, s/16)``
             for ``s = image_size`` (the first two already projected by the mask decoder's
-            ``conv_s0`` / ``conv_s1``). bf16 where computed under CUDA autocast, else float32.
+            ``conv_s0`` / ``conv_s1``). bf16 where computed under CUDA autocast, float16 where the
+            backbone stores half-precision embeddings (``half_embeddings``), else float32.
             Positional encodings are not stored: they are the same for every slice.
         image_size: the network input side ``s`` they were computed at.
     """
@@ -92,6 +94,11 @@ class Sam2Backbone(Backbone):
     """
 
     eager_embedding = True
+    #: the image encoder's CPU runtime (:mod:`.encoder_runtime`); None runs it in torch.
+    encoder: "EncoderRuntime | None" = None
+    #: float32 features are stored as float16 (half the memory; propagation computes in float32
+    #: again). An embedding with values beyond float16's range stays float32.
+    half_embeddings: bool = False
 
     def __init__(
         self,
@@ -110,6 +117,15 @@ class Sam2Backbone(Backbone):
         self.stop_after_empty = stop_after_empty
 
     @property
+    def encoder_runtime(self) -> str:
+        """Where the image encoder runs: ``"torch"``, ``"openvino"``, ``"onnxruntime"`` ..."""
+        return self.encoder.name if self.encoder is not None else "torch"
+
+    def cache_key(self) -> str:
+        """The base key, plus the runtime's suffix when its features differ from torch's."""
+        return super().cache_key() + (self.encoder.cache_suffix if self.encoder is not None else "")
+
+    @property
     def device(self) -> "torch.device":
         return self.model.device
 
@@ -120,7 +136,15 @@ class Sam2Backbone(Backbone):
             raise ValueError(f"embed_slice expects one (H, W) slice, got shape {image.shape}")
         if not np.isfinite(image).all():
             raise ValueError("embed_slice got NaN or infinite pixels; preprocess the slice first")
-        return self.model.sss_embed(image)
+        if self.encoder is None:
+            emb = self.model.sss_embed(image)
+        else:
+            import torch
+
+            with torch.inference_mode():
+                x = self.model.sss_preprocess(image)
+            emb = Sam2Embedding(self.encoder(x), self.image_size)
+        return _to_half(emb) if self.half_embeddings else emb
 
     def coarse_features(self, embedding: Sam2Embedding) -> list["torch.Tensor"]:
         """The coarse head's input: the three FPN levels of :class:`Sam2Embedding`, finest first."""
@@ -210,6 +234,34 @@ class Sam2Backbone(Backbone):
                 break
 
 
+def _to_half(emb: Sam2Embedding) -> Sam2Embedding:
+    """float32 features as float16 (others unchanged); all stay float32 if any value is beyond
+    float16's range."""
+    import torch
+
+    if any(f.dtype == torch.float32 and f.abs().max() > torch.finfo(torch.float16).max for f in emb.features):
+        return emb
+    half = tuple(f.to(torch.float16) if f.dtype == torch.float32 else f for f in emb.features)
+    return dataclasses.replace(emb, features=half)
+
+
+def image_encoder_module(model: "InMemoryVideoPredictor") -> "torch.nn.Module":
+    """``model.forward_image`` as a module: ``(1, 3, s, s)`` -> the FPN levels of :class:`Sam2Embedding`
+    (float32, finest first); what :mod:`.encoder_runtime` exports."""
+    import torch
+
+    class _ImageEncoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            out = self.model.forward_image(x)
+            return tuple(out["backbone_fpn"][-self.model.num_feature_levels:])
+
+    return _ImageEncoder().eval()
+
+
 def _merge_prompts(
     label: int, prompts: list[SlicePrompt], shape_shw: tuple[int, int, int]
 ) -> dict[int, tuple[tuple[float, float, float, float] | None, list, list]]:
@@ -239,6 +291,8 @@ def build_sam2_backbone(
     device: "str | torch.device" = "cpu",
     random_init: bool = False,
     stop_after_empty: int | None = 2,
+    encoder_runtime: str = "torch",
+    half_embeddings: bool = False,
 ) -> Sam2Backbone:
     """Build a SAM-2.1 backbone from sam2's own config.
 
@@ -252,6 +306,10 @@ def build_sam2_backbone(
         random_init: build untrained weights (seeded, reproducible) instead of loading a checkpoint;
             ``weights_sha256`` is then ``"random-init"``.
         stop_after_empty: see :class:`Sam2Backbone`.
+        encoder_runtime: where the image encoder runs on a CPU (see
+            :func:`~.encoder_runtime.build_encoder_runtime`): "torch" (default here), "auto",
+            "openvino", "onnxruntime" or "openvino-bf16". The export is cached in the SSS cache.
+        half_embeddings: store embeddings as float16 (see :class:`Sam2Backbone`).
 
     Raises:
         ValueError: unknown name or unusable image size. WeightsError: no checkpoint and not
@@ -288,7 +346,14 @@ def build_sam2_backbone(
         sha = _load_checkpoint(model, Path(checkpoint))  # type: ignore[arg-type]
     model = model.to(torch_device).eval()
     log.info("built %s at %d px on %s (weights %s)", name, size, torch_device, sha[:16])
-    return Sam2Backbone(name, model, sha, stop_after_empty=stop_after_empty)
+    from .encoder_runtime import build_encoder_runtime
+
+    backbone = Sam2Backbone(name, model, sha, stop_after_empty=stop_after_empty)
+    backbone.encoder = build_encoder_runtime(image_encoder_module(model), model_name=name, weights_sha256=sha,
+                                             image_size=size, requested=encoder_runtime,
+                                             device_type=torch_device.type)
+    backbone.half_embeddings = half_embeddings
+    return backbone
 
 
 def sam2_overrides(image_size: int) -> list[str]:
