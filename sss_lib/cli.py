@@ -218,9 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "model); stdout carries JSON progress lines only. Stop with Ctrl+C, SIGTERM or a STOP file in "
                     "the run folder; continue with --resume. Data-parallel: torchrun --nproc_per_node N -m sss_lib "
                     "train ...")
+    from .service.remote_train import add_remote_train_arguments
     from .trainer.run import add_train_arguments
 
     add_train_arguments(tr)
+    _add_server_options(tr)
+    add_remote_train_arguments(tr)
     tr.set_defaults(func=_cmd_train)
 
     au = sub.add_parser("auto-segment", help="segment a volume with a task model (no prompts needed)",

@@ -30,8 +30,13 @@ def add_train_arguments(tr: argparse.ArgumentParser) -> None:
     """The ``train`` command's options (defaults: SSS_METHOD.md section 4 and the contract)."""
     from ..backbones.registry import BACKBONE_NAMES
 
-    tr.add_argument("--labeled", required=True, help="dataset folder with labeled cases (nnU-Net v2 raw, ACDC, plain)")
-    tr.add_argument("--run-dir", required=True, help="run folder: config, checkpoints, history, curves, model")
+    # Required for a run here (checked in run_train_command); with --server the service keeps the
+    # run folder, and --job names an existing job instead of the data.
+    tr.add_argument("--labeled", help="dataset folder with labeled cases (nnU-Net v2 raw, ACDC, plain); required "
+                                      "(with --server: a local folder to upload, or server:PATH under the service's "
+                                      "--data-root)")
+    tr.add_argument("--run-dir", help="run folder: config, checkpoints, history, curves, model; required (not with "
+                                      "--server)")
     tr.add_argument("--unlabeled", default=None,
                     help="folder of unlabeled volumes (or an nnU-Net folder: its imagesTs); enables semi-supervised "
                          "training")
@@ -154,7 +159,19 @@ def _resumed_config(args: argparse.Namespace):  # noqa: ANN202
 
 
 def run_train_command(args: argparse.Namespace) -> int:
-    """Run ``train`` with parsed options; returns the exit code (see the module docstring)."""
+    """Run ``train`` with parsed options; returns the exit code (see the module docstring).
+
+    With ``args.server`` (``--server URL``) the run is a job on that SSS service
+    (:mod:`sss_lib.service.remote_train`).
+    """
+    if getattr(args, "server", None):
+        from ..service.remote_train import run_remote_train
+
+        return run_remote_train(args)
+    missing = [name for name, value in (("--labeled", args.labeled), ("--run-dir", args.run_dir)) if not value]
+    if missing:
+        print(f"error: the following arguments are required: {', '.join(missing)}", file=sys.stderr)
+        return 2
     import torch
 
     from ..errors import SSSError
