@@ -44,6 +44,7 @@ def build_backbone(
     device: str = "auto",
     image_size: int | None = None,
     checkpoint: str | Path | None = None,
+    encoder_runtime: str = "auto",
 ) -> Backbone:
     """Build a ready-to-use backbone on ``device``.
 
@@ -52,6 +53,10 @@ def build_backbone(
         device: "auto", "cpu", "cuda", "cuda:N" or "mps".
         image_size: SAM-2 input size (1024 default; 512 for 512-trained fine-tunes).
         checkpoint: a SAM-2 checkpoint file to use instead of the cached one of ``name``.
+        encoder_runtime: where the image encoder runs on a CPU: "auto" (OpenVINO, else ONNX
+            Runtime, else torch; ``$SSS_ENCODER_RUNTIME`` overrides), "openvino", "onnxruntime",
+            "openvino-bf16" or "torch"; see :mod:`.encoder_runtime`. GPUs keep torch. On a CPU SAM-2
+            embeddings are also stored in float16 (half the memory).
 
     Raises:
         InputError: unknown name. WeightsError: SAM-2 checkpoint missing (the message says how to
@@ -65,9 +70,10 @@ def build_backbone(
     if concrete == "litemedsam":
         from .litemedsam import build_litemedsam_backbone
 
-        return build_litemedsam_backbone(device=torch_device)
+        return build_litemedsam_backbone(device=torch_device, encoder_runtime=encoder_runtime)
     from .. import weights
     from .sam2_backbone import build_sam2_backbone
 
     path = Path(checkpoint) if checkpoint else weights.ensure_weights(concrete, download=False)
-    return build_sam2_backbone(concrete, image_size=image_size, checkpoint=path, device=torch_device)
+    return build_sam2_backbone(concrete, image_size=image_size, checkpoint=path, device=torch_device,
+                               encoder_runtime=encoder_runtime, half_embeddings=torch_device.type == "cpu")
