@@ -4,10 +4,12 @@ volume -> preprocess and embed every slice (cached by the engine) -> coarse head
 -> the engine (the backbone running the task model's fine-tuned prompt encoder and mask decoder)
 -> label volume on the input's grid, plus the prompts that produced it.
 
-Two steps are **ours** (see :class:`TaskRuntime`): on a 2D backbone without memory (LiteMedSAM)
+Three steps are **ours** (see :class:`TaskRuntime`): on a 2D backbone without memory (LiteMedSAM)
 every slice of the structure PCSW prompted gets an *anchor* prompt made the PCSW way, instead of
-carrying one key slice's box through the stack; and a *presence gate* removes an automatically
-prompted class from the slices where the coarse head does not see it.
+carrying one key slice's box through the stack; a *presence gate* removes an automatically
+prompted class from the slices where the coarse head does not see it; and a *ring rule*
+(:mod:`sss_lib.rings`) rebuilds, from the coarse head, a ring class (the myocardium) on the slices
+where the boxes filled it or its inner class (the LV cavity) covered it.
 
 Edits: the prompts JSON written by a run can be edited and passed back. A class whose prompts are
 marked ``"source": "user"``, or differ from what PCSW makes, is the user's: it is kept as given
@@ -91,6 +93,9 @@ class TaskRuntime:
             the SSL benchmark's phantoms (64 px, LiteMedSAM models fine-tuned on 3 labeled cases)
             boxes alone scored 0.90 -> 0.92, 0.89 -> 0.92 and 0.78 -> 0.88 mean Dice. The user's own
             prompts keep their points.
+        nesting: ``{outer: (inner, ...)}`` from the task model (:attr:`TaskModel.nesting`).
+        ring_rule: **(ours)** apply :func:`sss_lib.rings.apply_ring_rule` to the automatically
+            prompted classes of ``nesting``; False: the propagated masks as they are.
     """
 
     backbone: "Backbone"
@@ -103,6 +108,8 @@ class TaskRuntime:
     presence_fraction: float | None = 0.1
     anchors: bool | None = None
     prompt_points: bool | None = None
+    nesting: dict[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    ring_rule: bool = True
 
     @classmethod
     def from_task_model(cls, model: TaskModel, *, device: str = "auto", backbone: "Backbone | None" = None,
@@ -138,7 +145,7 @@ class TaskRuntime:
         adapter.prepare_for_task()
         head = head.to(adapter.device).eval()
         return cls(net, adapter, head, tuple(model.classes), model.preprocessing, model.pcsw,
-                   dict(model.volume_ranges_mm3))
+                   dict(model.volume_ranges_mm3), nesting=dict(model.nesting))
 
     @property
     def labels(self) -> list[int]:
@@ -200,6 +207,7 @@ class AutoSegmentResult:
         absent: labels with no prompt (PCSW found nothing, or the user deleted the class).
         recomputed / reused: labels the engine propagated in this run / kept from the last run.
         seconds: wall time; ``timings``: seconds per stage (``coarse``, ``pcsw``, ``engine``).
+        rings: outer label -> the slices where the ring rule rebuilt it (:mod:`sss_lib.rings`).
     """
 
     labels: Volume
@@ -211,6 +219,7 @@ class AutoSegmentResult:
     reused: list[int]
     seconds: float
     timings: dict[str, float]
+    rings: dict[int, list[int]] = dataclasses.field(default_factory=dict)
 
 
 class AutoSegmentSession:
@@ -236,10 +245,22 @@ class AutoSegmentSession:
     def slice_axis(self):  # noqa: ANN201 - SliceAxis
         return self.engine.slice_axis
 
+    def _rings(self, labels: Volume, prompt_set: PromptSet) -> tuple[Volume, dict[int, list[int]]]:
+        """Apply the runtime's ring rule to the automatically prompted classes."""
+        rt = self.runtime
+        if not rt.ring_rule or not rt.nesting:
+            return labels, {}
+        from .rings import apply_ring_rule
+
+        axis = self.slice_axis
+        stack = axis.to_stack(labels.voxels).copy()
+        changed = apply_ring_rule(stack, self.probabilities(), rt.nesting, _auto_labels(prompt_set))
+        return (labels.with_voxels(axis.from_stack(stack)) if changed else labels), changed
+
     def _gate(self, labels: Volume, prompt_set: PromptSet) -> Volume:
         """Apply the runtime's presence gate to the automatically prompted classes."""
         fraction = self.runtime.presence_fraction
-        auto = [c.label for c in prompt_set.classes if not any(p.source == "user" for p in c.prompts)]
+        auto = _auto_labels(prompt_set)
         if fraction is None or not auto:
             return labels
         axis = self.slice_axis
@@ -324,10 +345,11 @@ class AutoSegmentSession:
                 seg = self.engine.segment(prompt_set, progress=progress, should_cancel=should_cancel)
             labels, recomputed, reused = seg.labels, seg.recomputed, seg.reused
             labels = self._gate(labels, prompt_set)
+            labels, rings = self._rings(labels, prompt_set)
         else:
             log.warning("no class has a prompt: the label map is empty")
             labels = self.volume.with_voxels(np.zeros(self.volume.voxels.shape, np.uint8))
-            recomputed, reused = [], []
+            recomputed, reused, rings = [], [], {}
         t3 = time.perf_counter()
         present = prompt_set.by_label()
         user = sorted(lbl for lbl, c in present.items() if any(p.source == "user" for p in c.prompts))
@@ -336,7 +358,12 @@ class AutoSegmentSession:
             if res.status != "ok":
                 log.info("class %d: PCSW %s (%s)", lbl, res.status, res.reason)
         return AutoSegmentResult(labels, prompt_set, results, user, absent, recomputed, reused, t3 - t0,
-                                 {"coarse": t1 - t0, "pcsw": t2 - t1, "engine": t3 - t2})
+                                 {"coarse": t1 - t0, "pcsw": t2 - t1, "engine": t3 - t2}, rings)
+
+
+def _auto_labels(prompt_set: PromptSet) -> list[int]:
+    """The classes of ``prompt_set`` that no user prompt holds."""
+    return [c.label for c in prompt_set.classes if not any(p.source == "user" for p in c.prompts)]
 
 
 def boxes_only(prompts: PromptSet) -> PromptSet:

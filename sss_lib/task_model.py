@@ -173,6 +173,10 @@ class TaskModel:
         validation: metrics of the kept checkpoint, or None.
         weights: component name (see :data:`COMPONENTS`) -> state dict of numpy arrays (torch
             tensors are accepted on save and stored as arrays).
+        nesting: **(ours)** ``{outer: (inner, ...)}``, the classes that enclose others in the
+            labeled cases (the myocardium's ring around the LV cavity), measured by
+            :func:`sss_lib.rings.measure_nesting`; Auto-segment uses it to restore rings that boxes
+            fill. Files written before it existed load with ``{}`` (no rule).
     """
 
     backbone: BackboneRef
@@ -183,6 +187,7 @@ class TaskModel:
     training: TrainingInfo
     validation: ValidationMetrics | None
     weights: Weights
+    nesting: dict[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
     @property
     def class_names(self) -> dict[int, str]:
@@ -328,6 +333,10 @@ def _check_settings(model: TaskModel, source: object) -> None:
             raise TaskModelError(source, f"PCSW has a volume range for label {label}, which is not in the class table")
         if not (0 <= lo <= hi and math.isfinite(hi)):
             raise TaskModelError(source, f"PCSW volume range of class {label} is not 0 <= min <= max: ({lo}, {hi})")
+    for outer, inners in model.nesting.items():
+        if outer not in labels or not set(inners) <= labels or outer in inners:
+            raise TaskModelError(source, f"nesting {outer} -> {list(inners)} names a class that is not in the class "
+                                 "table, or a class inside itself", "Re-export the task model from SSSTrain.")
     try:
         dataclasses.replace(model.pcsw)  # re-runs PcswConfig's own range checks
     except ValueError as err:
@@ -365,7 +374,10 @@ def _as_array(value: Any, name: str) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 # Metadata <-> JSON (typed, through the dataclasses' annotations)
 # ------------------------------------------------------------------------------------------------
-_META_FIELDS = ("backbone", "classes", "preprocessing", "pcsw", "volume_ranges_mm3", "training", "validation")
+_META_FIELDS = ("backbone", "classes", "preprocessing", "pcsw", "volume_ranges_mm3", "training", "validation",
+                "nesting")
+#: Fields added after format version 1 was first written: a factory of what their absence means.
+_OPTIONAL_FIELDS: dict[str, Any] = {"nesting": dict}
 
 
 def _metadata_to_json(model: TaskModel) -> dict[str, Any]:
@@ -392,6 +404,9 @@ def _metadata_from_json(manifest: dict[str, Any], arrays: Weights, path: Path) -
     for name in _META_FIELDS:
         if name == "classes":
             values[name] = _classes_from_json(manifest.get(name), path, missing)
+            continue
+        if name in _OPTIONAL_FIELDS and name not in manifest:
+            values[name] = _OPTIONAL_FIELDS[name]()
             continue
         values[name] = _from_json(manifest.get(name, _MISSING), hints[name], name, missing, problems)
     if missing:

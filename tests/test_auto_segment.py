@@ -239,3 +239,20 @@ def test_cli_prompt_points_off_writes_prompts_without_points(model_path, dataset
                  "--prompts-out", str(prompts), "--device", "cpu", "--prompt-points", "off"]) == 0
     written = [p for c in json.loads(prompts.read_text())["classes"] for p in c["prompts"]]
     assert written and all(p["box"] and not p["positive_points"] and not p["negative_points"] for p in written)
+
+
+def test_the_task_model_carries_the_nesting_and_the_ring_rule_changes_only_the_slices_it_reports(session, image):
+    from sss_lib.auto_segment import AutoSegmentSession
+
+    runtime = session.runtime
+    assert runtime.nesting == {2: (3,)}, "measured on the training labels: the Myo ring encloses the LV"
+    on = AutoSegmentSession(image, runtime).run()
+    off = AutoSegmentSession(image, dataclasses.replace(runtime, ring_rule=False)).run()
+    assert off.rings == {} and set(on.rings) <= {2}
+    axis = session.slice_axis
+    a, b = axis.to_stack(on.labels.voxels), axis.to_stack(off.labels.voxels)
+    differ = sorted(int(s) for s in np.flatnonzero((a != b).any(axis=(1, 2))))
+    assert set(differ) <= set(on.rings.get(2, []))
+    # Only the nest's own classes move, and the disc (Myo or LV) keeps the boxes' outline.
+    moved_px = a != b
+    assert set(np.unique(a[moved_px])) <= {2, 3} and set(np.unique(b[moved_px])) <= {2, 3}

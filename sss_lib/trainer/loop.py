@@ -30,6 +30,7 @@ from ..embedding_cache import EmbeddingStore
 from ..errors import Cancelled, InputError
 from ..metrics import dice as dice_score
 from ..pcsw import default_color, measure_class_ranges
+from ..rings import measure_nesting
 from ..task_model import (
     BackboneRef,
     TaskClass,
@@ -125,6 +126,7 @@ def _train(config: TrainConfig, net: Backbone, adapter: DecoderAdapter, dataset:
     t_embed = time.perf_counter() - t0
 
     ranges = measure_class_ranges([c.label.voxels for c in train], [c.label.spacing for c in train], labels=labels)
+    nesting = measure_nesting([c.labels for c in train], labels)
     task_classes = tuple(TaskClass(lbl, name, default_color(lbl)) for lbl, name in classes.items())
     first = train[0]
     head = build_coarse_head(adapter.coarse_features(first.session.embedding(0)), len(labels),
@@ -133,7 +135,7 @@ def _train(config: TrainConfig, net: Backbone, adapter: DecoderAdapter, dataset:
     carry = config.carry_fraction if config.carry_fraction is not None else (0.5 if adapter.carries_boxes else 0.0)
     points = config.carry_points if config.carry_points is not None else adapter.carries_points
     trainer = _Trainer(config, adapter, head, train, labels, carry, points)
-    validator = _Validator(val, adapter, head, task_classes, prep, config, ranges, store)
+    validator = _Validator(val, adapter, head, task_classes, prep, config, ranges, store, nesting)
 
     val_every = config.val_every or max(1, config.iterations // 4)
     losses: list[dict[str, float]] = []
@@ -184,6 +186,7 @@ def _train(config: TrainConfig, net: Backbone, adapter: DecoderAdapter, dataset:
                                   n_unlabeled=0, iterations=config.iterations, seed=config.seed, notes=notes),
         validation=validation,
         weights=weights,  # type: ignore[arg-type]
+        nesting=nesting,
     )
     path = save_task_model(model, config.out)
     seconds = time.perf_counter() - t_start
@@ -308,8 +311,10 @@ class _Validator:
 
     def __init__(self, cases: Sequence[LabeledCase], adapter: DecoderAdapter, head: torch.nn.Module,
                  classes: tuple[TaskClass, ...], prep: TaskPreprocessing, config: TrainConfig,
-                 ranges: dict[int, tuple[float, float]], store: EmbeddingStore) -> None:
+                 ranges: dict[int, tuple[float, float]], store: EmbeddingStore,
+                 nesting: dict[int, tuple[int, ...]] | None = None) -> None:
         self.cases = list(cases)
+        self.nesting = dict(nesting or {})
         self.adapter = adapter
         self.head = head
         self.classes = classes
@@ -326,7 +331,7 @@ class _Validator:
         self.head.eval()
         self.adapter.train(False)
         runtime = TaskRuntime(self.adapter.backbone, self.adapter, self.head, self.classes,  # type: ignore[arg-type]
-                              self.prep, self.config.pcsw, self.ranges)
+                              self.prep, self.config.pcsw, self.ranges, nesting=self.nesting)
         scores: dict[int, list[float]] = {c.label: [] for c in self.classes}
         try:
             for n, case in enumerate(self.cases, start=1):

@@ -32,6 +32,7 @@ from ..backbones.base import Backbone
 from ..embedding_cache import EmbeddingStore
 from ..errors import Cancelled, InputError
 from ..pcsw import default_color, measure_class_ranges
+from ..rings import measure_nesting
 from ..runs.checkpoint import checkpoint_payload, load_checkpoint, save_checkpoint
 from ..runs.layout import RunPaths
 from ..runs.rng import capture_rng_state, restore_rng_state
@@ -140,6 +141,7 @@ class _Run:
         self.timings = {"load": 0.0, "embed": 0.0, "train": 0.0, "validate": 0.0}
         self.best_dice: float | None = None
         self.best_step: int | None = None
+        self.nesting: dict[int, tuple[int, ...]] = {}
 
     # -- top level ---------------------------------------------------------------------------------
     def execute(self, resume: bool, backbone: Backbone | None) -> RunOutcome:
@@ -203,6 +205,7 @@ class _Run:
 
         labels = list(classes)
         ranges = measure_class_ranges([c.label.voxels for c in train], [c.label.spacing for c in train], labels=labels)
+        self.nesting = measure_nesting([c.labels for c in train], labels)
         task_classes = tuple(TaskClass(lbl, name, default_color(lbl)) for lbl, name in classes.items())
         feats = adapter.coarse_features(train[0].session.embedding(0))
         modules: dict[str, nn.Module] = {
@@ -231,7 +234,8 @@ class _Run:
 
         from .loop import _Validator
 
-        validator = _Validator(val, adapter, coarse_head_of(student), task_classes, prep, cfg.train, ranges, store)
+        validator = _Validator(val, adapter, coarse_head_of(student), task_classes, prep, cfg.train, ranges, store,
+                               self.nesting)
         names = {lbl: name for lbl, name in classes.items()}
         start = 0
         if resume:
@@ -454,7 +458,7 @@ class _Run:
             volume_ranges_mm3=ranges,
             training=TrainingInfo.now(cfg.train.data_name or Path(cfg.train.labeled).name, n_labeled=len(train),
                                       n_unlabeled=len(unlabeled), iterations=step, seed=cfg.train.seed, notes=notes),
-            validation=validation, weights=weights,  # type: ignore[arg-type]
+            validation=validation, weights=weights, nesting=self.nesting,  # type: ignore[arg-type]
         )
         path = save_task_model(model, self.paths.root / "model.ssstask")
         if cfg.copy_to is not None:
