@@ -129,11 +129,12 @@ def test_propagate_reads_cache_only_and_visits_both_directions(backbone, stack, 
     # Label 1 (key slice 3) is tracked forward to the last slice and backward to the first.
     assert visited(steps, 1) == set(range(S))
     assert visited(steps, 5) == set(range(S))
-    # Forward from the earliest key slice (2), then backward from the latest (4).
-    assert [st.slice_index for st in steps] == [2, 3, 4, 5, 6, 7] + [4, 3, 2, 1, 0]
-    # Each object joins a sweep at its own key slice (label 1: slice 3 both ways).
-    assert [st.slice_index for st in steps if 1 in st.logits] == [3, 4, 5, 6, 7] + [3, 2, 1, 0]
-    assert [st.slice_index for st in steps if 5 in st.logits] == [2, 3, 4, 5, 6, 7] + [4, 3, 2, 1, 0]
+    # Each class on its own: key slices first, then each span in stack order, each slice once.
+    # Label 5: keys 2 and 4; spans [0, 1] (from 2, down), [3] (between: the key below wins a
+    # tie), [5, 7] (from 4, up).
+    assert [st.slice_index for st in steps if 1 in st.logits] == [3] + [2, 1, 0] + [4, 5, 6, 7]
+    assert [st.slice_index for st in steps if 5 in st.logits] == [2, 4] + [1, 0] + [3] + [5, 6, 7]
+    assert all(len(st.logits) == 1 for st in steps)
     for st in steps:
         for logits in st.logits.values():
             assert logits.shape == (H, W) and logits.dtype == np.float32
@@ -141,7 +142,10 @@ def test_propagate_reads_cache_only_and_visits_both_directions(backbone, stack, 
 
 
 def test_matches_stock_sam2_video_predictor(backbone, stack, cache, monkeypatch):
-    """Same logits as sam2's own predictor run on the same frames (its features computed on the fly)."""
+    """Same logits as sam2's own predictor run on the same frames (its features computed on the
+    fly): a key slice's span up is stock SAM-2's forward sweep from that prompt, its span down a
+    backward sweep from the same prompt in a fresh state (a span's memory holds only its own key
+    slices); between two key slices both are conditioning frames, and the nearer one's sweep counts."""
     from hydra import compose
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
@@ -149,10 +153,14 @@ def test_matches_stock_sam2_video_predictor(backbone, stack, cache, monkeypatch)
     monkeypatch.setattr(backbone, "stop_after_empty", None)
     objects = {
         1: [SlicePrompt(2, box=(20, 12, 43, 29)),
-            SlicePrompt(5, box=(18, 10, 45, 31), negative_points=[(1, 1)])],
-        3: [SlicePrompt(2, positive_points=[(30, 20)]), SlicePrompt(5, positive_points=[(33, 22)])],
+            SlicePrompt(6, box=(18, 10, 45, 31), negative_points=[(1, 1)])],
+        3: [SlicePrompt(5, positive_points=[(30, 20)])],
     }
-    ours = run(backbone, stack, cache, objects)
+    ours = {}
+    for st in run(backbone, stack, cache, objects):
+        for label, logits in st.logits.items():
+            assert (label, st.slice_index) not in ours, "a slice yielded twice"
+            ours[label, st.slice_index] = logits
 
     overrides = [o for o in sam2_overrides(SIZE) if "_target_" not in o]
     overrides.append("++model._target_=sam2.sam2_video_predictor.SAM2VideoPredictor")
@@ -160,10 +168,12 @@ def test_matches_stock_sam2_video_predictor(backbone, stack, cache, monkeypatch)
     OmegaConf.resolve(cfg)
     stock = instantiate(cfg.model, _recursive_=True).eval()
     stock.load_state_dict(backbone.model.state_dict())
-    state = backbone.model.sss_new_state(S, H, W, lookup=None)
     with torch.inference_mode():
-        state["images"] = torch.cat([backbone.model.sss_preprocess(stack[s]) for s in range(S)])
-    for label, prompts in objects.items():
+        images = torch.cat([backbone.model.sss_preprocess(stack[s]) for s in range(S)])
+
+    def sweep(label, prompts, start, reverse):
+        state = backbone.model.sss_new_state(S, H, W, lookup=None)
+        state["images"] = images
         for p in prompts:
             pts = p.positive_points + p.negative_points
             labels = [1] * len(p.positive_points) + [0] * len(p.negative_points)
@@ -172,15 +182,27 @@ def test_matches_stock_sam2_video_predictor(backbone, stack, cache, monkeypatch)
                 points=np.array(pts, np.float32).reshape(-1, 2) if pts else None,
                 labels=np.array(labels, np.int32) if pts else None,
             )
-    reference = list(stock.propagate_in_video(state))
-    reference += list(stock.propagate_in_video(state, start_frame_idx=5, reverse=True))
+        return {f: masks[0, 0].clamp_min(ABSENT_LOGIT).numpy()
+                for f, _, masks in stock.propagate_in_video(state, start_frame_idx=start, reverse=reverse)}
 
-    assert [st.slice_index for st in ours] == [f for f, _, _ in reference]
-    for st, (_, ids, masks) in zip(ours, reference):
-        assert sorted(st.logits) == sorted(ids)
-        for i, label in enumerate(ids):
-            expected = masks[i, 0].clamp_min(ABSENT_LOGIT).numpy()
-            np.testing.assert_allclose(st.logits[label], expected, atol=1e-4)
+    a, b = objects[1]
+    expected = {}
+    for s, logits in sweep(1, [a], 2, True).items():  # key 2 alone, down to 0 (and key 2 itself)
+        expected[1, s] = logits
+    between_up, between_down = sweep(1, [a, b], 2, False), sweep(1, [a, b], 6, True)
+    for s in (3, 4):
+        expected[1, s] = between_up[s]  # nearer key 2 (4 is a tie: the key below wins)
+    expected[1, 5] = between_down[5]
+    expected[1, 6] = sweep(1, [b], 6, False)[6]
+    expected[1, 7] = sweep(1, [b], 6, False)[7]
+    for s, logits in sweep(3, objects[3], 5, False).items():
+        expected[3, s] = logits
+    for s, logits in sweep(3, objects[3], 5, True).items():
+        expected[3, s] = logits
+
+    assert sorted(ours) == sorted(expected)
+    for key, logits in expected.items():
+        np.testing.assert_allclose(ours[key], logits, atol=1e-4, err_msg=str(key))
 
 
 def force_masks(backbone, monkeypatch, value_per_label: dict[int, float]) -> None:

@@ -1,23 +1,19 @@
 """SAM-2.1 (hiera tiny / small / base+ / large) as a :class:`~.base.Backbone`, fed from memory.
 
 Slices are embedded one at a time by :meth:`Sam2Backbone.embed_slice` (the engine caches the
-result); :meth:`Sam2Backbone.propagate` runs SAM-2's video memory over the slice stack with every
-class as one SAM-2 object (object id = class label), reading features only from the cache.
+result); propagation runs SAM-2's video memory over the slice stack with each class as one SAM-2
+object (object id = class label), reading features only from the cache.
 
-Propagation, per call (all state is local to the call):
-    1. every key-slice prompt of every object is added (XYXY box, positive XY points label 1,
-       negative XY points label 0);
-    2. a forward sweep starts at the earliest key slice; each object joins at its own earliest key
-       slice and is tracked towards the last slice;
-    3. a backward sweep starts at the latest key slice; each object joins at its own latest key slice
-       and is tracked towards slice 0, so between an object's key slices the backward result is
-       the later (winning) one;
-    4. beyond an object's outermost key slice in the sweep direction, the object has *ended* once
-       its mask has been empty (every logit <= 0, or SAM-2's object score < 0) on
-       ``stop_after_empty`` consecutive slices; it is left out of later steps of that sweep, and the
-       sweep stops when every object has ended.
-    A slice where no object is being tracked is not yielded. A step's dict holds only the objects
-    tracked on that slice in that sweep: merge steps per label (later wins), never per slice.
+Propagation follows :mod:`.spans` (each class on its own; SAM-2's objects never interact anyway):
+    * a key slice is SAM-2's output for its own prompts alone (an initial conditioning frame, no
+      memory): XYXY box, positive XY points label 1, negative XY points label 0;
+    * a span between markers gets a fresh inference state holding only its bounding key slices as
+      conditioning frames; the run from the key below tracks upwards, the run from the key above
+      tracks downwards, both in that state, and :func:`.spans.resolve_span` picks each slice's
+      result (nearest key slice whose run reached it). A key slice's memory therefore reaches no
+      further than its neighbouring markers, so an edit changes nothing beyond them;
+    * a run has *ended* once its mask has been empty (every logit <= 0, or SAM-2's object score < 0)
+      on ``stop_after_empty`` consecutive slices (those slices are still yielded).
 
 This module imports no torch at import time; :mod:`.sam2_predictor` (torch + sam2) is imported when
 a model is built.
@@ -34,7 +30,8 @@ import numpy as np
 
 from ..errors import PromptError, WeightsError
 from ..prompts import SlicePrompt
-from .base import Backbone, EmbeddingLookup, PropagationStep
+from .base import Backbone, EmbeddingLookup, PropagationStep, span_steps
+from .spans import Span
 
 if TYPE_CHECKING:
     import torch
@@ -89,8 +86,8 @@ class Sam2Backbone(Backbone):
 
     Attributes:
         model: the :class:`~.sam2_predictor.InMemoryVideoPredictor` (eval mode).
-        stop_after_empty: consecutive empty slices beyond an object's outermost key slice after
-            which it has ended in that direction; None: never stop (sweep to the volume's ends).
+        stop_after_empty: consecutive empty slices after which a run has ended; None: never stop
+            (a run goes to the edge of its span).
     """
 
     eager_embedding = True
@@ -161,77 +158,64 @@ class Sam2Backbone(Backbone):
 
         return F.interpolate(maps, size=tuple(shape_hw), mode="bilinear", align_corners=False)
 
-    def propagate(
-        self,
-        slices: np.ndarray,
-        embedding: EmbeddingLookup,
-        objects: Mapping[int, Sequence[SlicePrompt]],
-    ) -> Iterator[PropagationStep]:
-        """Segment ``objects`` (class label -> its key-slice prompts) through ``slices``.
+    def check_prompts(self, label: int, key_slices: Mapping[int, Sequence[SlicePrompt]],
+                      shape_shw: tuple[int, int, int]) -> None:
+        """Prompts inside the stack, at most one box per key slice.
+
+        Raises:
+            PromptError: a prompt lies outside the stack, or two boxes on one slice.
+        """
+        for k, ps in key_slices.items():
+            _merge_prompts(label, list(ps), shape_shw)
+
+    def segment_key(self, slices: np.ndarray, embedding: EmbeddingLookup, label: int, index: int,
+                    prompts: Sequence[SlicePrompt]) -> np.ndarray:
+        """SAM-2's mask for key slice ``index`` from its own (merged) prompts: ``(H, W)`` float32."""
+        num_slices, height, width = (int(n) for n in slices.shape)
+        box, pos, neg = _merge_prompts(label, list(prompts), (num_slices, height, width))[index]
+        state = self.model.sss_new_state(num_slices, height, width, embedding)
+        try:
+            self.model.sss_add_prompt(state, index, label, box, pos, neg)
+            self.model.sss_finish_prompts(state)
+            return self.model.sss_track_slice(state, index, [label], False)[label][0]
+        finally:
+            state.clear()
+
+    def propagate_span(self, slices: np.ndarray, embedding: EmbeddingLookup, label: int,
+                       span: Span) -> Iterator[PropagationStep]:
+        """Track ``label`` through ``span`` with only its bounding key slices in SAM-2's memory.
 
         Args:
             slices: the ``(S, H, W)`` stack; only its shape is read (features come from ``embedding``).
             embedding: slice index -> :class:`Sam2Embedding`, the engine's cache.
-            objects: label -> prompts in slice pixels: boxes ``(x0, y0, x1, y1)`` (XYXY), points
-                ``(x, y)`` (x = column, y = row). Several key slices per object are allowed; prompts
-                of one object on the same slice are merged (at most one box per slice).
-
-        Yields:
-            :class:`PropagationStep` per visited slice and sweep: label -> ``(H, W)`` float32 logits
-            (> 0 inside) for the objects tracked there; see the module docstring for the order.
-
-        Raises:
-            PromptError: a prompt lies outside the stack, or an object has two boxes on one slice.
         """
-        if slices.ndim != 3:
-            raise ValueError(f"propagate expects an (S, H, W) stack, got shape {slices.shape}")
         num_slices, height, width = (int(n) for n in slices.shape)
-        merged = {int(lbl): _merge_prompts(int(lbl), list(p), (num_slices, height, width))
-                  for lbl, p in objects.items()}
-        if not merged:
-            return
         state = self.model.sss_new_state(num_slices, height, width, embedding)
         try:
-            for label, per_slice in merged.items():
-                for s, (box, pos, neg) in sorted(per_slice.items()):
-                    self.model.sss_add_prompt(state, s, label, box, pos, neg)
+            for key in (span.below, span.above):
+                if key is not None:
+                    box, pos, neg = _merge_prompts(label, list(key.prompts), (num_slices, height, width))[key.index]
+                    self.model.sss_add_prompt(state, key.index, label, box, pos, neg)
             self.model.sss_finish_prompts(state)
-            key_slices = {label: sorted(per_slice) for label, per_slice in merged.items()}
-            yield from self._sweep(state, key_slices, num_slices, reverse=False)
-            yield from self._sweep(state, key_slices, num_slices, reverse=True)
+            forward = self._run(state, label, span.lo, span.hi + 1, +1) if span.below is not None else None
+            backward = self._run(state, label, span.hi, span.lo - 1, -1) if span.above is not None else None
+            yield from span_steps(label, span, forward, backward)
         finally:
             # Drop the memory bank now, not when the generator object is collected.
             state.clear()
 
-    def _sweep(
-        self, state: dict, key_slices: dict[int, list[int]], num_slices: int, reverse: bool
-    ) -> Iterator[PropagationStep]:
-        """One direction of :meth:`propagate`; ``key_slices`` maps label -> its sorted key slices."""
-        join = {lbl: (k[-1] if reverse else k[0]) for lbl, k in key_slices.items()}
-        outermost = {lbl: (k[0] if reverse else k[-1]) for lbl, k in key_slices.items()}
-        start = max(join.values()) if reverse else min(join.values())
-        order = range(start, -1, -1) if reverse else range(start, num_slices)
-        empty_run = dict.fromkeys(key_slices, 0)
-        ended: set[int] = set()
-        for s in order:
-            active = [lbl for lbl in key_slices
-                      if lbl not in ended and (s <= join[lbl] if reverse else s >= join[lbl])]
-            if not active:
+    def _run(self, state: dict, label: int, start: int, stop: int, direction: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Track ``label`` from ``start`` towards ``stop`` (exclusive) until it has ended."""
+        empty_run = 0
+        for s in range(start, stop, direction):
+            logits, score = self.model.sss_track_slice(state, s, [label], direction < 0)[label]
+            yield s, logits
+            if self.stop_after_empty is None:
                 continue
-            tracked = self.model.sss_track_slice(state, s, active, reverse)
-            for lbl, (logits, score) in tracked.items():
-                beyond = s < outermost[lbl] if reverse else s > outermost[lbl]
-                if not beyond or self.stop_after_empty is None:
-                    continue
-                empty = score < 0 or not (logits > 0).any()
-                empty_run[lbl] = empty_run[lbl] + 1 if empty else 0
-                if empty_run[lbl] >= self.stop_after_empty:
-                    ended.add(lbl)
-                    log.debug("object %d ended at slice %d (%s sweep)", lbl, s,
-                              "backward" if reverse else "forward")
-            yield PropagationStep(s, {lbl: logits for lbl, (logits, _) in tracked.items()})
-            if len(ended) == len(key_slices):
-                break
+            empty_run = empty_run + 1 if (score < 0 or not (logits > 0).any()) else 0
+            if empty_run >= self.stop_after_empty:
+                log.debug("object %d ended at slice %d (going %+d)", label, s, direction)
+                return
 
 
 def _to_half(emb: Sam2Embedding) -> Sam2Embedding:
@@ -266,8 +250,6 @@ def _merge_prompts(
     label: int, prompts: list[SlicePrompt], shape_shw: tuple[int, int, int]
 ) -> dict[int, tuple[tuple[float, float, float, float] | None, list, list]]:
     """key slice -> (XYXY box or None, positive XY points, negative XY points) for one object."""
-    if not prompts:
-        raise PromptError(f"class {label} has no prompt; give it a box or a positive point on a key slice")
     out: dict[int, tuple[Any, list, list]] = {}
     for p in prompts:
         p.check_inside(shape_shw)
