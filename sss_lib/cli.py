@@ -160,6 +160,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .service.serve import config_from_args, serve
+
+    return serve(config_from_args(args))
+
+
 def _add_server_options(parser: argparse.ArgumentParser) -> None:
     """``--server`` / ``--token-file`` / ``--ca-file``: run the command on an SSS service."""
     group = parser.add_argument_group("remote service (python -m sss_lib serve)")
@@ -253,6 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--missing", default="error", choices=["error", "empty"],
                     help="a case without prediction is an error (default) or scored as empty")
     ev.set_defaults(func=_cmd_evaluate)
+
+    sv = sub.add_parser("serve", help="run the SSS service (inference and training over HTTP)",
+                        description="Serve the versioned HTTP API (docs/service_api.md) that Slicer and --server "
+                                    "use. Prints one JSON ready line on stdout once listening; logs go to stderr. "
+                                    "Stop with SIGTERM or Ctrl+C.")
+    from .service.serve import add_serve_arguments
+
+    add_serve_arguments(sv)
+    sv.set_defaults(func=_cmd_serve)
     return parser
 
 
