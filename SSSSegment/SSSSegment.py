@@ -23,6 +23,7 @@ from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from SSSSegmentLib import constants as C
 from SSSSegmentLib.busy import BusyState
 from SSSSegmentLib.errors import UserFacingError
+from SSSSegmentLib.service_link import ComputeOnControls
 from SSSSegmentLib.logic import SegmentLogic, status_text
 from SSSSegmentLib.markups import class_visible, find_class, point_is_positive
 from SSSSegmentLib.paths import ensure_sss_lib_importable
@@ -113,7 +114,7 @@ class SSSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._runFinish = None
         self._runStarted = 0.0
         self._busy = None
-        self._updatingCompute = False
+        self._computeOn = None
         self._dependenciesChecked = False
         self._updatingClassList = False
         self._pollTimer = None
@@ -153,12 +154,11 @@ class SSSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentButton.connect("clicked(bool)", lambda: self.onSegment(False))
         self.ui.rerunButton.connect("clicked(bool)", self.onRerun)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
-        self.ui.computeOnComboBox.connect("currentIndexChanged(int)", self.onComputeSettingsChanged)
-        self.ui.serverUrlLineEdit.connect("textChanged(QString)", self.onComputeSettingsChanged)
-        self.ui.serverTokenLineEdit.connect("textChanged(QString)", self.onComputeSettingsChanged)
+        self._computeOn = ComputeOnControls(self.ui, qt.QSettings)
+        self._computeOn.connect()
 
         self.initializeParameterNode()
-        self._showComputeSettings()
+        self._computeOn.show()
 
         if sys.version_info < C.MINIMUM_PYTHON:
             self._showVersionWarning()
@@ -186,7 +186,7 @@ class SSSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self) -> None:
         self.initializeParameterNode()
-        self._showComputeSettings()
+        self._computeOn.show()
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -368,44 +368,12 @@ class SSSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._refreshClasses()
 
     # -- where the work runs ("Compute on") ----------------------------------------------------------
-    def _showComputeSettings(self) -> None:
-        """Show the "Compute on" choice kept in Slicer's settings (the other panel may have changed it)."""
-        from SSSSegmentLib.service_link import read_settings
-
-        settings = read_settings(qt.QSettings())
-        self._updatingCompute = True
-        try:
-            self.ui.computeOnComboBox.setCurrentIndex(max(0, self.ui.computeOnComboBox.findText(settings.mode)))
-            self.ui.serverUrlLineEdit.text = settings.url
-            self.ui.serverTokenLineEdit.text = settings.token
-        finally:
-            self._updatingCompute = False
-        self._showServerRows(settings.mode)
-
-    def _showServerRows(self, mode: str) -> None:
-        from SSSSegmentLib.service_link import SERVER
-
-        for widget in (self.ui.serverUrlLabel, self.ui.serverUrlLineEdit, self.ui.serverTokenLabel,
-                       self.ui.serverTokenLineEdit):
-            widget.visible = mode == SERVER
-
-    def onComputeSettingsChanged(self, *unused) -> None:
-        """Keep the choice in Slicer's settings (never in the scene: the token must not travel with it)."""
-        from SSSSegmentLib.service_link import ComputeSettings, write_settings
-
-        if self._updatingCompute:
-            return
-        settings = ComputeSettings(self.ui.computeOnComboBox.currentText, self.ui.serverUrlLineEdit.text,
-                                   self.ui.serverTokenLineEdit.text)
-        write_settings(qt.QSettings(), settings)
-        self._showServerRows(settings.mode)
-
     def _link(self):
         """The service link both panels share, pointed where the settings say."""
-        from SSSSegmentLib.service_link import read_settings, slicer_link
+        from SSSSegmentLib.service_link import slicer_link
 
         link = slicer_link(os.path.dirname(os.path.abspath(__file__)))
-        link.configure(read_settings(qt.QSettings()), device=self._parameterNode.device)
+        link.configure(self._computeOn.settings(), device=self._parameterNode.device)
         return link
 
     # -- runs --------------------------------------------------------------------------------------

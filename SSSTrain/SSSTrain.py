@@ -30,6 +30,14 @@ MINIMUM_PYTHON = (3, 10)
 BACKBONES = ["sam2.1_hiera_tiny", "sam2.1_hiera_small", "sam2.1_hiera_base_plus", "sam2.1_hiera_large", "litemedsam"]
 DEVICES = ["auto", "cpu", "cuda", "mps"]
 SETTINGS_LAST_RUN = "SSSTrain/lastRunFolder"  # QSettings: a restarted Slicer finds the last run
+# Disabled while a step of the panel runs (an export, an upload, a package install, a data check): a
+# second click never starts a second one, so an export never deletes a folder another export writes.
+# tests/slicer/test_static.py checks each name in the .ui.
+BUSY_WIDGETS = [
+    "startButton", "resumeButton", "copyCommandButton", "checkDataButton", "useModelButton", "refreshCasesButton",
+    "runFolderPathLineEdit", "labeledSourceComboBox", "labeledFolderPathLineEdit", "unlabeledSourceComboBox",
+    "unlabeledFolderPathLineEdit", "casesListWidget", "computeOnComboBox", "serverUrlLineEdit", "serverTokenLineEdit",
+]
 
 
 def _inSlicerApplication() -> bool:
@@ -110,7 +118,8 @@ def _pathText(path) -> str:
 
 
 class SSSTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The panel. Training runs in its own process; a QTimer follows its files (SSSTrainLib.monitor)."""
+    """The panel. Training runs in its own process on this computer (a QTimer follows its files,
+    SSSTrainLib.monitor) or as a job of an SSS server (the QTimer polls it, SSSTrainLib.remote)."""
 
     POLL_MS = 500
 
@@ -129,6 +138,8 @@ class SSSTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._curvesPixmap = None
         self._casesShownFor = None
         self._casesRefreshPending = False
+        self._busy = None
+        self._computeOn = None
 
     # -- set-up ------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -138,6 +149,13 @@ class SSSTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = SSSTrainLogic()
+        from SSSSegmentLib.busy import BusyState
+        from SSSSegmentLib.service_link import ComputeOnControls
+
+        self._busy = BusyState(self.ui, BUSY_WIDGETS, on_change=self._updateButtons)
+        self._computeOn = ComputeOnControls(self.ui, qt.QSettings)
+        self._computeOn.connect()
+        self._computeOn.show()
 
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(self.POLL_MS)
@@ -176,6 +194,7 @@ class SSSTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self) -> None:
         self.initializeParameterNode()
+        self._computeOn.show()
         self._refreshCases()
 
     def exit(self) -> None:
@@ -322,21 +341,43 @@ class SSSTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             set_included(node, item.checkState() == qt.Qt.Checked)
 
     def onCheckData(self, *unused) -> None:
-        try:
-            with slicer.util.WaitCursor():
-                summary = self.logic.train_logic().check_data(self._settings(), slicer.mrmlScene)
-            self.ui.dataSummaryLabel.text = summary
-        except Exception as e:
-            self.ui.dataSummaryLabel.text = str(e)
+        with self._busy.hold("check data") as started:
+            if not started:
+                return
+            try:
+                with slicer.util.WaitCursor():
+                    summary = self.logic.train_logic().check_data(self._settings(), slicer.mrmlScene)
+                self.ui.dataSummaryLabel.text = summary
+            except Exception as e:
+                self.ui.dataSummaryLabel.text = str(e)
 
     # -- runs --------------------------------------------------------------------------------------
+    def _link(self):
+        """The service link SSS Segment shares (its settings say this computer or a server)."""
+        from SSSSegmentLib.service_link import slicer_link
+
+        link = slicer_link(os.path.dirname(os.path.abspath(__file__)))
+        link.configure(self._computeOn.settings())
+        return link
+
+    def _serverClient(self):
+        """The server's client when "Compute on" is a server, else None (training runs here)."""
+        link = self._link()
+        return None if link.is_local else link.poll()
+
     def onStart(self, *unused) -> None:
+        with self._busy.hold("start") as started:
+            if started:
+                self._start()
+
+    def _start(self) -> None:
         try:
-            if not self._ensureReady():
+            client = self._serverClient()
+            if client is None and not self._ensureReady():
                 return
             logic = self.logic.train_logic()
             settings = self._settings()
-            status = logic.run_status(settings.run_dir)
+            status = self._runFolderStatus(settings.run_dir)
             if status.has_run and not status.running:
                 if not slicer.util.confirmOkCancelDisplay(
                     _("The run folder holds an earlier run. Start over? Its files move to the folder 'previous' "
@@ -345,6 +386,15 @@ class SSSTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     return
                 logic.archive_previous_run(settings.run_dir)
             self._clearRunDisplay()
+            if client is not None:
+                from SSSTrainLib import remote
+
+                with slicer.util.WaitCursor():
+                    monitor = remote.submit(logic, settings, slicer.mrmlScene, client, progress=self._progress)
+                self._follow(monitor)
+                self.ui.statusLabel.text = _("Training job {job} submitted to {url}.").format(
+                    job=monitor.job.job_id, url=client.url)
+                return
             with slicer.util.WaitCursor():
                 monitor = logic.start(settings, slicer.mrmlScene, progress=self._progress)
             self._follow(monitor)
@@ -353,7 +403,21 @@ class SSSTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._showError(e, _("Could not start training"))
 
     def onResume(self, *unused) -> None:
+        with self._busy.hold("resume") as started:
+            if started:
+                self._resume()
+
+    def _resume(self) -> None:
+        from SSSTrainLib import remote
+
         try:
+            job = remote.read_job(self._runFolder())
+            if job is not None:
+                client = self._jobClient(job)
+                monitor = remote.resume(job, client)
+                self._follow(monitor)
+                self.ui.statusLabel.text = _("Resuming job {job} on {url}.").format(job=job.job_id, url=job.url)
+                return
             if not self._ensureReady():
                 return
             monitor = self.logic.train_logic().resume(self._runFolder(), self._settings())
@@ -361,6 +425,37 @@ class SSSTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("Resuming (process {pid}).").format(pid=monitor.pid)
         except Exception as e:
             self._showError(e, _("Could not resume training"))
+
+    def _jobClient(self, job):
+        """The client of the server ``job`` runs on; the panel must point at that server."""
+        from SSSTrainLib.errors import RunFolderError
+
+        client = self._serverClient()
+        if client is None or client.url.rstrip("/") != job.url.rstrip("/"):
+            raise RunFolderError(
+                "This run is a job on the SSS server {url}: set 'Compute on' to server with that address "
+                "(and its token) to follow, stop or resume it.".format(url=job.url))
+        return client
+
+    def _runFolderStatus(self, runFolder: str):
+        """What the run folder holds: a local run (files, process) or a server job (asked there)."""
+        from SSSTrainLib import remote
+        from SSSTrainLib.logic import RunFolderStatus
+
+        job = remote.read_job(runFolder)
+        if job is None:
+            return self.logic.train_logic().run_status(runFolder)
+        model = os.path.join(runFolder, C.MODEL_FILE)
+        status = RunFolderStatus(has_run=True, model=model if os.path.isfile(model) else "", running=None)
+        try:
+            record = remote.job_status(job, self._jobClient(job))
+        except Exception as e:
+            logging.warning("SSS Train: cannot ask the server about job %s: %s", job.job_id, e)
+            return status
+        state = str(record.get("state", ""))
+        status.running = state in remote.JOB_ACTIVE_STATES
+        status.can_resume = state in ("stopped", "interrupted")
+        return status
 
     def onStop(self, *unused) -> None:
         monitor = self._monitor
@@ -373,7 +468,8 @@ class SSSTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.stopButton.toolTip = _("End the training process now, without a checkpoint.")
             return
         if monitor.pid is None or monitor.alive() is not True:
-            self.ui.statusLabel.text = _("The training process cannot be reached from this computer; it stops on its own.")
+            self.ui.statusLabel.text = _("The training cannot be killed from this computer (a server job, or a process "
+                                         "elsewhere); it stops at its next clean point.")
             return
         if slicer.util.confirmOkCancelDisplay(
             _("Kill the training process now? Progress since its last checkpoint is lost.")
@@ -425,9 +521,8 @@ class SSSTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._runFolderShown = runFolder
         self._clearRunDisplay()
         try:
-            logic = self.logic.train_logic()
-            self._folderStatus = logic.run_status(runFolder)
-            monitor = logic.attach(runFolder) if runFolder else None
+            self._folderStatus = self._runFolderStatus(runFolder)
+            monitor = self._attach(runFolder) if runFolder else None
         except Exception as e:
             logging.warning("SSS Train: cannot read the run folder %s: %s", runFolder, e)
             self._folderStatus, monitor = None, None
@@ -437,6 +532,18 @@ class SSSTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._showFolderStatus()
         self._updateButtons()
+
+    def _attach(self, runFolder: str):
+        """A monitor of the run going on in ``runFolder`` (a local process or a server job), or None."""
+        from SSSTrainLib import remote
+
+        job = remote.read_job(runFolder)
+        if job is None:
+            return self.logic.train_logic().attach(runFolder)
+        if not (self._folderStatus is not None and self._folderStatus.running):
+            return None
+        client = self._jobClient(job)
+        return remote.RemoteJobMonitor(job, lambda: client, backlog=remote.ATTACH_LINES)
 
     def _showFolderStatus(self) -> None:
         from SSSTrainLib import monitor as M
@@ -455,6 +562,11 @@ class SSSTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             text += " " + _("Its task model is ready: 'Use this model'.")
         if status.can_resume:
             text += " " + _("'Resume' continues it.")
+        from SSSTrainLib import remote
+
+        job = remote.read_job(self._runFolder())
+        if job is not None:
+            text += " " + _("It is job {job} on the SSS server {url}.").format(job=job.job_id, url=job.url)
         self.ui.statusLabel.text = text
         self._loadCurves(os.path.join(self._runFolder(), C.CURVES_FILE))
 
@@ -486,7 +598,7 @@ class SSSTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._loadCurves(curves)
         if monitor.finished:
             self._detach()
-            self._folderStatus = self.logic.train_logic().run_status(monitor.run_dir)
+            self._folderStatus = self._runFolderStatus(monitor.run_dir)
             self.ui.stopButton.text = _("Stop")
         self._updateButtons()
 
@@ -509,9 +621,16 @@ class SSSTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.stopButton.enabled = running
         self.ui.resumeButton.enabled = not running and status is not None and status.can_resume
         self.ui.useModelButton.enabled = bool(runFolder) and os.path.isfile(os.path.join(runFolder, C.MODEL_FILE))
+        if self._busy is not None:
+            self._busy.apply()
 
     # -- results -----------------------------------------------------------------------------------
     def onUseModel(self, *unused) -> None:
+        with self._busy.hold("use model") as started:
+            if started:
+                self._useModel()
+
+    def _useModel(self) -> None:
         try:
             from SSSSegmentLib import constants as SC
 
@@ -523,6 +642,11 @@ class SSSTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._showError(e, _("Could not hand the model to SSS Segment"))
 
     def onCopyCommand(self, *unused) -> None:
+        with self._busy.hold("export") as started:
+            if started:
+                self._copyCommand()
+
+    def _copyCommand(self) -> None:
         try:
             with slicer.util.WaitCursor():
                 text = self.logic.train_logic().copy_command(

@@ -39,10 +39,13 @@ class BusyState:
         return True
 
     def end(self) -> None:
-        """Back to idle (idempotent)."""
+        """Back to idle (idempotent): the busy widgets are enabled again, then the panel's own rules
+        (``on_change``) decide which of them stay disabled."""
         if not self.active:
             return
         self.what = ""
+        for name in self.names:
+            getattr(self.ui, name).enabled = True
         self._changed()
 
     def apply(self) -> None:

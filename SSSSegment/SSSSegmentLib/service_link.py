@@ -90,6 +90,58 @@ def unavailable_text(error: BaseException, settings: ComputeSettings) -> str:
             "Press the button again to restart it; if this repeats, see Slicer's Python console.")
 
 
+class ComputeOnControls:
+    """The "Compute on" rows of a panel (``computeOnComboBox``, ``serverUrlLineEdit``,
+    ``serverTokenLineEdit`` and their labels): shows the stored choice and stores every edit.
+
+    Args:
+        ui: the panel's widgets.
+        qsettings: returns the application settings (``qt.QSettings``).
+    """
+
+    ROWS = ("serverUrlLabel", "serverUrlLineEdit", "serverTokenLabel", "serverTokenLineEdit")
+
+    def __init__(self, ui: Any, qsettings: Callable[[], Any]) -> None:
+        self.ui = ui
+        self.qsettings = qsettings
+        self._updating = False
+
+    def connect(self) -> None:
+        self.ui.computeOnComboBox.connect("currentIndexChanged(int)", self.on_changed)
+        # textChanged, not editingFinished: a click on Segment right after typing must see the text.
+        self.ui.serverUrlLineEdit.connect("textChanged(QString)", self.on_changed)
+        self.ui.serverTokenLineEdit.connect("textChanged(QString)", self.on_changed)
+
+    def settings(self) -> ComputeSettings:
+        return read_settings(self.qsettings())
+
+    def show(self) -> None:
+        """Show the stored choice (the other panel may have changed it)."""
+        settings = self.settings()
+        self._updating = True
+        try:
+            combo = self.ui.computeOnComboBox
+            combo.setCurrentIndex(max(0, combo.findText(settings.mode)))
+            self.ui.serverUrlLineEdit.text = settings.url
+            self.ui.serverTokenLineEdit.text = settings.token
+        finally:
+            self._updating = False
+        self._show_rows(settings.mode)
+
+    def on_changed(self, *unused: Any) -> None:
+        """Store the edit in the application settings (never in the scene: the token must not travel with it)."""
+        if self._updating:
+            return
+        settings = ComputeSettings(str(self.ui.computeOnComboBox.currentText), str(self.ui.serverUrlLineEdit.text),
+                                   str(self.ui.serverTokenLineEdit.text))
+        write_settings(self.qsettings(), settings)
+        self._show_rows(settings.mode)
+
+    def _show_rows(self, mode: str) -> None:
+        for name in self.ROWS:
+            getattr(self.ui, name).visible = mode == SERVER
+
+
 class ServiceLink:
     """The service both panels use (see the module docstring).
 

@@ -258,7 +258,9 @@ class ServiceRun:
 
         try:
             if self.plan.kind == AUTO:
-                edited = self.plan.edited_prompts(str(self._session.slice_axis)) if self.plan.edited_prompts else None
+                axis = self._session.slice_axis
+                axis = "ijk"[axis] if isinstance(axis, int) else str(axis)  # the service names it, or gives its index
+                edited = self.plan.edited_prompts(axis) if self.plan.edited_prompts else None
                 self.handle = self._session.auto_segment(edited)
             else:
                 self.handle = self._session.segment(self.plan.prompts)

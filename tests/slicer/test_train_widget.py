@@ -2,237 +2,24 @@
 
 MRML is real (slicer-core) and so are the training processes (the stand-in trainer of
 SSSTrainLib.fake_trainer, started and stopped for real). Qt is not available outside Slicer, so
-the widgets are stand-ins built from the names in SSSTrain.ui: each holds the PythonQt-style
-properties the panel sets (``text``, ``value``, ``enabled``, ``visible``) and records signal
-connections; unknown attributes raise, so a misspelt widget call fails here. What is checked is
-the panel's behaviour: which buttons are enabled when, what the status line says, that the log,
-progress and curves follow the run, and that a reopened panel finds its run again.
+the widgets are stand-ins built from the names in SSSTrain.ui (tests/slicer/panel_stubs.py). What is
+checked is the panel's behaviour: which buttons are enabled when, what the status line says, that
+the log, progress and curves follow the run, that a reopened panel finds its run again, and that a
+second click while a step runs starts nothing.
 """
 
-import importlib.util
 import os
 import sys
 import types
-import typing
 import unittest
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-UI_FILE = REPO / "SSSTrain" / "Resources" / "UI" / "SSSTrain.ui"
-
+from panel_stubs import REPO, FakeItem, FakeTimer, flush, install_application, recorder as make_recorder
 
 # A failing test must not leave a stand-in trainer running: tests/slicer/conftest.py.
 pytestmark = pytest.mark.usefixtures("no_training_left_behind")
-
-
-# -- Qt stand-ins ----------------------------------------------------------------------------------------
-
-
-class FakeWidget:
-    """A widget of the .ui file: PythonQt-style properties, recorded connections."""
-
-    _PROPERTIES = {"text": "", "value": 0, "enabled": True, "visible": True, "toolTip": "", "width": 400,
-                   "wordWrap": False}
-
-    def __init__(self, cls: str, name: str) -> None:
-        self.__dict__.update(self._PROPERTIES, cls=cls, name=name, connections={}, items=[], lines=[], pixmap=None)
-
-    def connect(self, signal, slot):
-        self.connections.setdefault(signal, []).append(slot)
-
-    def emit(self, signal, *args):
-        for slot in self.connections.get(signal, []):
-            slot(*args)
-
-    def setMRMLScene(self, scene):
-        pass
-
-    # QPlainTextEdit
-    def appendPlainText(self, text):
-        self.lines.append(text)
-
-    def clear(self):
-        self.lines.clear()
-        self.items.clear()
-
-    # QListWidget
-    def addItem(self, item):
-        self.items.append(item)
-
-    # QLabel
-    def setPixmap(self, pixmap):
-        self.pixmap = pixmap
-
-    def __setattr__(self, name, value):
-        if name not in self.__dict__:
-            raise AttributeError(f"{self.cls} {self.name} has no property {name!r}")
-        self.__dict__[name] = value
-
-
-class FakeItem:
-    def __init__(self, text=""):
-        self.text, self._flags, self._check, self._data = text, 0, None, {}
-
-    def flags(self):
-        return self._flags
-
-    def setFlags(self, flags):
-        self._flags = flags
-
-    def setCheckState(self, state):
-        self._check = state
-
-    def checkState(self):
-        return self._check
-
-    def setData(self, role, value):
-        self._data[role] = value
-
-    def data(self, role):
-        return self._data.get(role)
-
-
-class FakePixmap:
-    def __init__(self, path=None):
-        self.path = path
-
-    def isNull(self):
-        return self.path is None or not os.path.isfile(self.path)
-
-    def scaledToWidth(self, width, mode=None):
-        return self
-
-
-class FakeTimer:
-    pending = []
-
-    def __init__(self):
-        self.active = False
-
-    def setInterval(self, ms):
-        pass
-
-    def connect(self, signal, slot):
-        self.slot = slot
-
-    def start(self):
-        self.active = True
-
-    def stop(self):
-        self.active = False
-
-    @staticmethod
-    def singleShot(ms, fn):
-        FakeTimer.pending.append(fn)
-
-
-def flush():
-    while FakeTimer.pending:
-        FakeTimer.pending.pop(0)()
-
-
-def make_qt(clipboard: list, settings: dict):
-    qt = types.ModuleType("qt")
-    qt.QTimer = FakeTimer
-    qt.QListWidgetItem = FakeItem
-    qt.QPixmap = FakePixmap
-    qt.Qt = types.SimpleNamespace(ItemIsUserCheckable=16, Checked=2, Unchecked=0, UserRole=32, SmoothTransformation=1)
-    qt.QSettings = lambda: types.SimpleNamespace(value=settings.get, setValue=settings.__setitem__)
-    qt.QApplication = types.SimpleNamespace(clipboard=lambda: types.SimpleNamespace(setText=clipboard.append))
-    return qt
-
-
-# -- Slicer application stand-ins -------------------------------------------------------------------------
-
-
-def make_slicer_stubs(slicer):
-    slm = types.ModuleType("slicer.ScriptedLoadableModule")
-
-    class ScriptedLoadableModule:
-        def __init__(self, parent):
-            self.parent = parent
-
-    class ScriptedLoadableModuleWidget:
-        def __init__(self, parent=None):
-            self.parent = parent or types.SimpleNamespace(isEntered=True)
-            self.layout = types.SimpleNamespace(addWidget=lambda w: None)
-
-        def setup(self):
-            pass
-
-        def resourcePath(self, name):
-            return str(REPO / "SSSTrain" / "Resources" / name)
-
-    class ScriptedLoadableModuleLogic:
-        def __init__(self, parent=None):
-            pass
-
-        def getParameterNode(self):
-            node = slicer.mrmlScene.GetSingletonNode("SSSTrain", "vtkMRMLScriptedModuleNode")
-            if node is None:
-                node = slicer.vtkMRMLScriptedModuleNode()
-                node.SetSingletonTag("SSSTrain")
-                node = slicer.mrmlScene.AddNode(node)
-            return node
-
-    class ScriptedLoadableModuleTest(unittest.TestCase):
-        def delayDisplay(self, message, requestedDelay=None, msec=None):
-            pass
-
-    for cls in (ScriptedLoadableModule, ScriptedLoadableModuleWidget, ScriptedLoadableModuleLogic, ScriptedLoadableModuleTest):
-        setattr(slm, cls.__name__, cls)
-
-    i18n = types.ModuleType("slicer.i18n")
-    i18n.tr = lambda text: text
-    i18n.translate = lambda context, text: text
-
-    pnw = types.ModuleType("slicer.parameterNodeWrapper")
-
-    class Choice:
-        def __init__(self, choices):
-            self.choices = list(choices)
-
-    class WithinRange:
-        def __init__(self, lo, hi):
-            self.lo, self.hi = lo, hi
-
-    def parameterNodeWrapper(cls):
-        hints = typing.get_type_hints(cls, include_extras=True)
-
-        class Wrapper:
-            """Fields with their defaults, kept on a real scripted-module node whose Modified
-            event fires on every change (what observers of the real wrapper see)."""
-
-            def __init__(self, node):
-                object.__setattr__(self, "parameterNode", node)
-                for name in hints:
-                    object.__setattr__(self, name, getattr(cls, name, None))
-
-            def __setattr__(self, name, value):
-                object.__setattr__(self, name, value)
-                self.parameterNode.Modified()
-
-            def AddObserver(self, *args):
-                return self.parameterNode.AddObserver(*args)
-
-            def RemoveObserver(self, *args):
-                return self.parameterNode.RemoveObserver(*args)
-
-            def connectGui(self, ui):
-                return "tag"
-
-            def disconnectGui(self, tag):
-                pass
-
-        Wrapper.hints = hints
-        return Wrapper
-
-    pnw.parameterNodeWrapper, pnw.Choice, pnw.WithinRange = parameterNodeWrapper, Choice, WithinRange
-    return {"slicer.ScriptedLoadableModule": slm, "slicer.i18n": i18n, "slicer.parameterNodeWrapper": pnw,
-            "ctk": types.ModuleType("ctk")}
 
 
 class Panel:
@@ -269,47 +56,12 @@ def panel_factory(slicer_core, scene, monkeypatch, tmp_path):
 
     from SSSTrainLib import testing
 
-    clipboard, settings = [], {}
-    recorder = types.SimpleNamespace(errors=[], confirms=[], confirm_answer=True, selected=[], clipboard=clipboard,
-                                     segment_parameters=types.SimpleNamespace(model="auto", taskModelPath=None))
-    for name, mod in make_slicer_stubs(slicer_core).items():
-        monkeypatch.setitem(sys.modules, name, mod)
-    monkeypatch.setitem(sys.modules, "qt", make_qt(clipboard, settings))
-    monkeypatch.setattr(sys, "path", list(sys.path))
-
-    def ui_widgets(path):
-        root = ET.parse(path).getroot()
-        return types.SimpleNamespace(**{w.get("name"): FakeWidget(w.get("class"), w.get("name")) for w in root.iter("widget")})
-
-    def confirm(text, **kwargs):
-        recorder.confirms.append(text)
-        return recorder.confirm_answer
-
-    class NoWaitCursor:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-    monkeypatch.setattr(slicer.util, "loadUI", lambda path: FakeWidget("qMRMLWidget", "SSSTrain"))
-    ui_cache = {}
-    monkeypatch.setattr(slicer.util, "childWidgetVariables",
-                        lambda widget: ui_cache.setdefault(id(widget), ui_widgets(UI_FILE)))
-    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", confirm)
-    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kw: recorder.errors.append(text))
-    monkeypatch.setattr(slicer.util, "WaitCursor", NoWaitCursor)
-    monkeypatch.setattr(slicer.util, "selectModule", recorder.selected.append)
+    recorder = make_recorder(segment_parameters=types.SimpleNamespace(model="auto", taskModelPath=None))
+    module = install_application(monkeypatch, slicer_core, "SSSTrain", recorder)
     monkeypatch.setattr(slicer.util, "getModuleLogic",
                         lambda name: types.SimpleNamespace(getParameterNode=lambda: recorder.segment_parameters))
-    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(processEvents=lambda: None), raising=False)
-
-    spec = importlib.util.spec_from_file_location("SSSTrain", REPO / "SSSTrain" / "SSSTrain.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     monkeypatch.setattr(module.SSSTrainLogic, "train_logic",
                         classmethod(lambda cls, entry=None: testing.fake_logic(sss_lib_root=str(REPO))))
-    FakeTimer.pending.clear()
 
     def make():
         panel = Panel(module, recorder)
@@ -446,3 +198,76 @@ def test_self_test_runs_as_ctest_runs_it(panel_factory):
                      "test_reattach", "test_start_stop_resume_use_model", "test_status_text"]
     result = unittest.TextTestRunner(stream=open(os.devnull, "w")).run(suite)
     assert result.wasSuccessful(), result.failures + result.errors
+
+
+def test_a_second_click_while_a_step_runs_starts_nothing(panel_factory, scene, tmp_path, monkeypatch):
+    """Qt delivers clicks queued while the export pumps events (processEvents): none of them may start
+    a second export, run or check, so no export deletes a folder another export is writing."""
+    import slicer
+
+    from SSSTrainLib import testing
+
+    testing.build_scene(scene)
+    panel = panel_factory()
+    ui = panel.ui
+    run_dir = tmp_path / "run"
+    panel.pn().runFolder = Path(run_dir)
+    panel.pn().iterations = 5000
+    panel.pn().warmupIterations = 5
+    flush()
+    launched = []
+    real_launch = panel.module.SSSTrainLogic.train_logic().__class__._launch
+
+    def counting_launch(self, *args, **kwargs):
+        launched.append(args)
+        return real_launch(self, *args, **kwargs)
+
+    monkeypatch.setattr(panel.module.SSSTrainLogic.train_logic().__class__, "_launch", counting_launch)
+    seen = []
+
+    def process_events():  # what the user clicked while the export ran
+        seen.append({name: getattr(ui, name).enabled for name in panel.module.BUSY_WIDGETS})
+        for name in ("startButton", "copyCommandButton", "checkDataButton", "resumeButton", "useModelButton"):
+            getattr(ui, name).emit("clicked(bool)", False)  # even a click Qt still delivers does nothing
+
+    monkeypatch.setattr(slicer.app, "processEvents", process_events)
+    summary_before = ui.dataSummaryLabel.text
+    ui.startButton.click()
+    assert seen, "the export reports progress through processEvents"
+    assert all(not any(state.values()) for state in seen), "every busy widget is disabled while the export runs"
+    assert len(launched) == 1, f"{len(launched)} training processes started"
+    assert ui.dataSummaryLabel.text == summary_before, "Check data ran during the export"
+    assert not panel.recorder.clipboard, "Copy command (a second export) ran during the export"
+    dataset = run_dir / "dataset"
+    assert sorted(p.name for p in (dataset / "imagesTr").iterdir()) == ["Case-A-CT_0000.nii.gz", "Case-B_0000.nii.gz"]
+    # The run goes on; the busy state ended with the step: the panel is usable again.
+    assert not panel.widget._busy.active and ui.stopButton.enabled and ui.refreshCasesButton.enabled
+    assert ui.runFolderPathLineEdit.enabled and ui.checkDataButton.enabled
+    ui.stopButton.emit("clicked(bool)")
+    panel.poll_until(lambda: panel.widget._monitor is None)
+
+
+def test_every_ending_of_a_step_ends_the_busy_state(panel_factory, scene, tmp_path, monkeypatch):
+    """Failed (bad settings), declined (confirmation), exception inside the export: the buttons come back."""
+    from SSSTrainLib import testing
+
+    testing.build_scene(scene)
+    panel = panel_factory()
+    ui = panel.ui
+    ui.startButton.click()  # no run folder: an error
+    assert panel.recorder.errors and "Choose a run folder" in panel.recorder.errors[-1]
+    assert not panel.widget._busy.active and ui.startButton.enabled and ui.checkDataButton.enabled
+
+    panel.pn().runFolder = Path(tmp_path / "run")
+    flush()
+
+    def broken_export(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("SSSTrainLib.logic.export_scene_cases", broken_export)
+    ui.copyCommandButton.click()
+    assert "disk full" in panel.recorder.errors[-1]
+    assert not panel.widget._busy.active and ui.copyCommandButton.enabled and ui.startButton.enabled
+
+    ui.checkDataButton.click()
+    assert "2 labeled case(s)" in ui.dataSummaryLabel.text and ui.checkDataButton.enabled
