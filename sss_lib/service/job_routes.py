@@ -20,6 +20,8 @@ import os
 import time
 from typing import Any, AsyncIterator
 
+from fastapi import Request  # at module level: FastAPI resolves the routes' annotations here
+
 from .http_errors import ApiError
 from .jobs import END_STATES, JobManager
 from .protocol import MAX_WAIT_S, NDJSON_TYPE, OCTET_TYPE
@@ -58,18 +60,12 @@ def build_manager(config: Any) -> JobManager:
                       max_extract=EXTRACT_FACTOR * int(config.max_upload_bytes))
 
 
-async def _body_to_file(request: Any, manager: JobManager, limit: int) -> str:
-    """Stream the request body to a new file of the upload store (refused past ``limit`` bytes)."""
+async def _body_to_file(request: Any, manager: JobManager) -> str:
+    """Stream the request body to a new file of the upload store (the app's body limit applies)."""
     path, out = manager.uploads.new_body_file()
-    size = 0
     try:
         with out:
             async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise ApiError(413, "upload_too_large", f"the upload is larger than the server's limit of "
-                                   f"{limit // (1 << 20)} MB. Name a folder under the server's --data-root instead, "
-                                   "or ask for a larger --max-upload")
                 out.write(chunk)
     except BaseException:
         path.unlink(missing_ok=True)
@@ -124,7 +120,7 @@ def _wait_s(wait: float) -> float:
 def build_jobs_router(config: Any) -> Any:
     """The ``/v1/uploads`` and ``/v1/jobs`` routes for ``config`` (a ServiceConfig); the router's
     lifespan starts and closes its :class:`JobManager` (also at ``router.job_manager``)."""
-    from fastapi import APIRouter, Request
+    from fastapi import APIRouter
     from fastapi.responses import StreamingResponse
     from starlette.concurrency import run_in_threadpool
 
@@ -145,7 +141,7 @@ def build_jobs_router(config: Any) -> Any:
     async def upload(request: Request) -> dict[str, Any]:
         """Upload a ``.zip`` or ``.tar.gz`` of a dataset folder (nnU-Net v2 raw); answers
         ``{upload_id, cases, labeled, unlabeled, layout, classes}``."""
-        body = await _body_to_file(request, manager, int(config.max_upload_bytes))
+        body = await _body_to_file(request, manager)
         return await run_in_threadpool(manager.uploads.add_archive, body)
 
     @router.post("/v1/jobs", status_code=201)
