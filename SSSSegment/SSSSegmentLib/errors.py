@@ -11,3 +11,11 @@ class TaskModelRequiredError(UserFacingError):
 
 class NeedsNewerSlicerError(UserFacingError):
     """This Slicer's Python is too old for sss_lib (Slicer 5.10+ is needed)."""
+
+
+class TorchUpgradeNeedsRestartError(UserFacingError):
+    """torch (or torchvision) is already imported in this Slicer and older than SSS needs."""
+
+
+class InstallationError(UserFacingError):
+    """Installing a package failed; the message says why (offline, disk full, ...) and what to do."""

