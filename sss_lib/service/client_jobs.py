@@ -3,7 +3,7 @@
 
 ::
 
-    job = client.submit_job("Dataset001_Heart", settings={"iterations": 300})   # local folder: uploaded
+    job = client.submit_job("Dataset001_Heart", settings={"iterations": 300})   # local folder (or archive): uploaded
     job = client.submit_job({"path": "Dataset001_Heart"})                        # under the server's --data-root
     for record in client.follow(job["job_id"]):   # the trainer's progress objects (sss.progress/1)
         print(record["event"], record["step"], record["total_steps"])
@@ -68,27 +68,33 @@ class JobsClientMixin:
     """Job methods; they call ``self._request(...)`` and ``self._stream_lines(...)`` of ServiceClient."""
 
     # -- uploads and submission --------------------------------------------------------------------
-    def upload_dataset(self, folder: "Union[str, os.PathLike[str]]") -> Dict[str, Any]:
-        """Pack and upload a local dataset folder (nnU-Net v2 raw); ``{upload_id, cases, labeled,
+    def upload_dataset(self, source: "Union[str, os.PathLike[str]]") -> Dict[str, Any]:
+        """Upload a dataset: a local folder (nnU-Net v2 raw; packed as a ``.tar.gz`` first) or an
+        archive file made already (``.zip`` / ``.tar.gz``). Answers ``{upload_id, cases, labeled,
         unlabeled, layout, classes}``.
 
         Raises:
-            FileNotFoundError: not a folder. ServiceError: 422 ``bad_archive`` (no dataset the
-            trainer reads; the message says why), 413 (larger than the server's --max-upload).
+            FileNotFoundError: neither a folder nor a file. ServiceError: 422 ``bad_archive`` (no
+            dataset the trainer reads; the message says why), 413 (larger than the server's --max-upload).
         """
+        source = os.fspath(source)
+        if os.path.isfile(source):
+            return self._upload_archive(source)
         fd, archive = tempfile.mkstemp(prefix="sss-upload-", suffix=".tar.gz")
         os.close(fd)
         try:
-            pack_dataset(folder, archive)
-            size = os.path.getsize(archive)
-            with open(archive, "rb") as body:
-                # A fresh connection: a kept-alive one the server closed would be retried with a
-                # body already half read.
-                self.close()  # type: ignore[attr-defined]
-                data = self._request("POST", "/uploads", body=body,  # type: ignore[attr-defined]
-                                     headers={"Content-Length": str(size)}, timeout=max(self.timeout, 300.0))[2]  # type: ignore[attr-defined]
+            return self._upload_archive(pack_dataset(source, archive))
         finally:
             os.unlink(archive)
+
+    def _upload_archive(self, archive: str) -> Dict[str, Any]:
+        with open(archive, "rb") as body:
+            # A fresh connection: a kept-alive one the server had closed would be retried with a
+            # body already half read.
+            self.close()  # type: ignore[attr-defined]
+            data = self._request("POST", "/uploads", body=body,  # type: ignore[attr-defined]
+                                 headers={"Content-Length": str(os.path.getsize(archive))},
+                                 timeout=max(self.timeout, 300.0))[2]  # type: ignore[attr-defined]
         return json.loads(data.decode("utf-8"))
 
     def _data_ref(self, data: DataRef) -> Dict[str, Any]:
@@ -180,18 +186,26 @@ class JobsClientMixin:
         return self._get_answer("POST", f"/jobs/{job_id}/resume")
 
     # -- files -------------------------------------------------------------------------------------
-    def download_model(self, job_id: str, path: "Union[str, os.PathLike[str]]") -> str:
-        """Save the job's task model (``.ssstask``) at ``path`` (atomically); returns the path.
+    def job_model(self, job_id: str) -> bytes:
+        """The bytes of the job's task model (``.ssstask``).
 
         Raises:
             ServiceError: 404 ``no_model`` while the job has none yet.
         """
-        return _write_atomic(path, self._request("GET", f"/jobs/{job_id}/model")[2])  # type: ignore[attr-defined]
+        return self._request("GET", f"/jobs/{job_id}/model")[2]  # type: ignore[attr-defined]
 
-    def download_curves(self, job_id: str, path: "Union[str, os.PathLike[str]]") -> str:
-        """Save the job's loss and validation curves (PNG) at ``path``; returns the path.
+    def job_curves(self, job_id: str) -> bytes:
+        """The bytes of the job's loss and validation curves (PNG).
 
         Raises:
             ServiceError: 404 ``no_curves`` before the first validation.
         """
-        return _write_atomic(path, self._request("GET", f"/jobs/{job_id}/curves.png")[2])  # type: ignore[attr-defined]
+        return self._request("GET", f"/jobs/{job_id}/curves.png")[2]  # type: ignore[attr-defined]
+
+    def download_model(self, job_id: str, path: "Union[str, os.PathLike[str]]") -> str:
+        """Save the job's task model at ``path`` (atomically); returns the path. Raises as :meth:`job_model`."""
+        return _write_atomic(path, self.job_model(job_id))
+
+    def download_curves(self, job_id: str, path: "Union[str, os.PathLike[str]]") -> str:
+        """Save the job's curves (PNG) at ``path`` (atomically); returns the path. Raises as :meth:`job_curves`."""
+        return _write_atomic(path, self.job_curves(job_id))

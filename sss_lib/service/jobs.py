@@ -319,12 +319,13 @@ class JobManager:
             return [self._view(j) for j in sorted(self._jobs.values(), key=lambda j: j.created)]
 
     def progress(self, job_id: str, after: int = 0) -> dict[str, Any]:
-        """``{lines: [progress objects after the first `after`], next, state}``. Raises ApiError 404."""
+        """``{lines: [progress objects after the first `after`], next, state, position}``. Raises ApiError 404."""
         with self._lock:
             job = self._job(job_id)
             records = self._records(job_id)
             after = max(0, min(int(after), len(records)))
-            return {"lines": records[after:], "next": len(records), "state": job.state}
+            return {"lines": records[after:], "next": len(records), "state": job.state,
+                    "position": self._position(job)}
 
     def stop(self, job_id: str) -> dict[str, Any]:
         """Ask a job to stop: a queued job ends ``stopped`` at once, a running one at its next clean
