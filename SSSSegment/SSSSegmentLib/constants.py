@@ -35,6 +35,9 @@ ATTR_MODEL = "SSS.Model"  # on the segmentation: which model made it
 ATTR_DEVICE = "SSS.Device"
 ATTR_SECONDS = "SSS.Seconds"
 ATTR_SEGMENT_LABEL = "SSS.LabelValue"  # segment tag: the class label a segment holds
+# Segment tag: per-slice digests of the mask SSS last wrote (SSSSegmentLib/edit_guard.py), so a later
+# run can tell which slices a person edited since.
+ATTR_WRITTEN_SLICES = "SSS.WrittenSlices"
 
 ROLE_BOX = "box"
 ROLE_POINTS = "points"

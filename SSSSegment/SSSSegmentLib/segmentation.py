@@ -52,6 +52,7 @@ def write_class_segments(
     labels: np.ndarray,
     classes: Sequence[Tuple[int, str, Color]],
     update: Optional[Iterable[int]] = None,
+    keep_edited: bool = False,
 ) -> List[str]:
     """Write ``labels`` (``[k, j, i]``, values = class labels) into one segment per class.
 
@@ -62,14 +63,22 @@ def write_class_segments(
             exist yet is always written. Segments of other classes keep their voxels, including any
             manual edits made in the Segment Editor.
 
+        keep_edited: in segments edited since SSS last wrote them (Segment Editor), keep the
+            edited slices and write the new result only into the others (see
+            :mod:`SSSSegmentLib.edit_guard`; ask first with ``edit_guard.ask_how_to_write``).
+            False overwrites the edits.
+
     SSS segments (tagged with a class label) of classes not in ``classes`` are removed: their class
-    was deleted or lost all its prompts.
+    was deleted or lost all its prompts. Every written segment records per-slice digests of the new
+    result (segment tag ``SSS.WrittenSlices``), from which the next run detects edits.
 
     Returns:
         The IDs of the segments whose voxels were written.
     """
     import slicer
     import vtk
+
+    from . import edit_guard
 
     if labels.shape != tuple(reversed(volume_node.GetImageData().GetDimensions())):
         raise ValueError(f"label volume of shape {labels.shape} does not fit the volume's grid")
@@ -94,6 +103,9 @@ def write_class_segments(
         if not is_new and wanted is not None and int(label) not in wanted:
             continue
         mask = (labels == label).astype(np.uint8)
+        record = edit_guard.encode_record(mask)  # the new result's digests, also where edits are kept
+        if keep_edited and not is_new:
+            mask = edit_guard.keep_edited_masks(scene, segmentation_node, volume_node, {int(label): mask})[int(label)]
         labelmap = _temporary_labelmap(scene, volume_node, mask)
         try:
             ids = vtk.vtkStringArray()
@@ -102,6 +114,7 @@ def write_class_segments(
                 raise RuntimeError(f"Slicer could not import the mask of class '{name}' into the segmentation")
         finally:
             scene.RemoveNode(labelmap)
+        segmentation.GetSegment(sid).SetTag(C.ATTR_WRITTEN_SLICES, record)
         written.append(sid)
     return written
 
@@ -118,10 +131,27 @@ def _sss_segment_ids(segmentation: Any) -> List[str]:
     return out
 
 
-def read_labels(scene: Any, segmentation_node: Any, volume_node: Any) -> np.ndarray:
-    """The SSS segments as a ``[k, j, i]`` label array on ``volume_node``'s grid (tests, self-test)."""
+def read_segment_mask(scene: Any, segmentation_node: Any, volume_node: Any, sid: str) -> np.ndarray:
+    """Segment ``sid`` as a 0/1 ``uint8`` ``[k, j, i]`` array on ``volume_node``'s grid."""
     import slicer
     import slicer.util
+    import vtk
+
+    shape = tuple(reversed(volume_node.GetImageData().GetDimensions()))
+    labelmap = _temporary_labelmap(scene, volume_node, np.zeros(shape, dtype=np.uint8))
+    try:
+        ids = vtk.vtkStringArray()
+        ids.InsertNextValue(sid)
+        logic = slicer.modules.segmentations.logic()
+        if not logic.ExportSegmentsToLabelmapNode(segmentation_node, ids, labelmap, volume_node):
+            raise RuntimeError(f"Slicer could not export segment {sid}")
+        return (slicer.util.arrayFromVolume(labelmap) > 0).astype(np.uint8)
+    finally:
+        scene.RemoveNode(labelmap)
+
+
+def read_labels(scene: Any, segmentation_node: Any, volume_node: Any) -> np.ndarray:
+    """The SSS segments as a ``[k, j, i]`` label array on ``volume_node``'s grid (tests, self-test)."""
     import vtk
 
     segmentation = segmentation_node.GetSegmentation()
@@ -131,17 +161,7 @@ def read_labels(scene: Any, segmentation_node: Any, volume_node: Any) -> np.ndar
         tag = vtk.mutable("")
         if not segmentation.GetSegment(sid).GetTag(C.ATTR_SEGMENT_LABEL, tag):
             continue
-        labelmap = _temporary_labelmap(scene, volume_node, np.zeros(out.shape, dtype=np.uint8))
-        try:
-            ids = vtk.vtkStringArray()
-            ids.InsertNextValue(sid)
-            logic = slicer.modules.segmentations.logic()
-            if not logic.ExportSegmentsToLabelmapNode(segmentation_node, ids, labelmap, volume_node):
-                raise RuntimeError(f"Slicer could not export segment {sid}")
-            mask = slicer.util.arrayFromVolume(labelmap) > 0
-        finally:
-            scene.RemoveNode(labelmap)
-        out[mask] = int(str(tag))
+        out[read_segment_mask(scene, segmentation_node, volume_node, sid) > 0] = int(str(tag))
     return out
 
 
