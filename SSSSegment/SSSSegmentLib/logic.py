@@ -268,8 +268,8 @@ class SegmentLogic:
         geometry.check_scalar_volume(volume_node)
         if model == C.TASK_MODEL_CHOICE:
             raise TaskModelRequiredError(
-                "Segmenting with a task model needs task-model support, which arrives with SSSTrain; "
-                "pick a SAM-2.1 size or LiteMedSAM meanwhile."
+                "A task model segments through Auto-segment (SegmentLogic.prepare_auto_run with the .ssstask file "
+                "made by SSS Train); segmenting from prompts needs a SAM-2.1 size, LiteMedSAM or 'auto' as the model."
             )
         view = slicer.util.arrayFromVolume(volume_node)
         volume = geometry.sss_volume_from_node(volume_node, voxels=view)
