@@ -7,7 +7,9 @@ reaches the user as a traceback is a bug.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -48,6 +50,8 @@ def _remote_client(args: argparse.Namespace):  # noqa: ANN202 - ServiceClient, o
         return None
     if args.device != "auto":
         log.warning("--device is ignored with --server: the service runs on its own device")
+    if getattr(args, "encoder_runtime", "auto") != "auto":
+        log.warning("--encoder-runtime is ignored with --server: the service chooses its own")
     return connect(url, token_file, ca_file=args.ca_file)
 
 
@@ -200,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--modality", default="auto", choices=["auto", "CT", "MR", "other"],
                      help="intensity rule: CT window or MR percentiles (default: guessed)")
     seg.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"), help="CT window in HU")
+    _add_encoder_runtime_option(seg)
     _add_server_options(seg)
     seg.set_defaults(func=_cmd_segment)
 
@@ -247,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--prompt-points", choices=["auto", "on", "off"], default="auto",
                     help="automatic prompts with PCSW's points, or boxes alone (default auto: points for SAM-2, "
                          "boxes alone for LiteMedSAM, whose decoder was trained on boxes)")
+    _add_encoder_runtime_option(au)
     _add_server_options(au)
     au.set_defaults(func=_cmd_auto_segment)
 
@@ -271,13 +277,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_encoder_runtime_option(parser: argparse.ArgumentParser) -> None:
+    from .backbones.encoder_runtime import RUNTIME_CHOICES
+
+    parser.add_argument("--encoder-runtime", default="auto", choices=RUNTIME_CHOICES,
+                        help="where the image encoder runs on a CPU: auto = OpenVINO if installed, else ONNX "
+                             "Runtime, else torch (default: auto; GPUs always use torch)")
+
+
+@contextlib.contextmanager
+def _encoder_runtime_env(runtime: str):  # noqa: ANN202 - a context manager
+    """``--encoder-runtime`` reaches ``build_backbone("auto" runtime)`` through its environment
+    variable, for this command only."""
+    from .backbones.encoder_runtime import RUNTIME_ENV
+
+    before = os.environ.get(RUNTIME_ENV)
+    if runtime != "auto":
+        os.environ[RUNTIME_ENV] = runtime
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(RUNTIME_ENV, None)
+        else:
+            os.environ[RUNTIME_ENV] = before
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.func(args) or 0)
+        with _encoder_runtime_env(getattr(args, "encoder_runtime", "auto")):
+            return int(args.func(args) or 0)
     except SSSError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

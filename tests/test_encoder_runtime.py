@@ -261,3 +261,15 @@ def test_sam2_tiny_through_the_runtime(sss_home, two_torch_threads, monkeypatch)
     assert got.nbytes * 2 == ref.nbytes
     for f, r in zip(got.features, ref.features):
         assert float((f.float() - r).abs().max()) <= 2e-3 * max(1.0, float(r.abs().max()))
+
+
+def test_cli_option_reaches_auto_for_one_command_only(monkeypatch) -> None:
+    from sss_lib.cli import _encoder_runtime_env, build_parser
+
+    monkeypatch.delenv(er.RUNTIME_ENV, raising=False)
+    args = build_parser().parse_args(["segment", "x.nrrd", "--prompts", "p.json", "-o", "o.nrrd",
+                                      "--encoder-runtime", "onnxruntime"])
+    with _encoder_runtime_env(args.encoder_runtime):
+        assert er.runtime_candidates("auto", "cpu")[0] == "onnxruntime"
+    assert er.RUNTIME_ENV not in __import__("os").environ
+    assert er.runtime_candidates("auto", "cpu")[0] == "openvino"
