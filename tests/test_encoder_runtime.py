@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
 import numpy as np
@@ -271,5 +272,5 @@ def test_cli_option_reaches_auto_for_one_command_only(monkeypatch) -> None:
                                       "--encoder-runtime", "onnxruntime"])
     with _encoder_runtime_env(args.encoder_runtime):
         assert er.runtime_candidates("auto", "cpu")[0] == "onnxruntime"
-    assert er.RUNTIME_ENV not in __import__("os").environ
+    assert er.RUNTIME_ENV not in os.environ
     assert er.runtime_candidates("auto", "cpu")[0] == "openvino"
