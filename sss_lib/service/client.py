@@ -28,6 +28,7 @@ import dataclasses
 import http.client
 import json as _json
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 #: Seconds a long-poll of a run's events asks the server to wait for news (below protocol.MAX_WAIT_S).
 EVENTS_WAIT_S = 10.0
 # Connection failures that mean "the peer went away" (refused, reset, closed mid-answer).
-_GONE = (ConnectionError, http.client.HTTPException, socket.gaierror)
+_GONE = (ConnectionError, http.client.HTTPException, socket.gaierror, ssl.SSLEOFError, ssl.SSLZeroReturnError)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -319,6 +320,10 @@ class ServiceClient(JobsClientMixin):
                 except socket.timeout:
                     self._drop()
                     raise ServiceUnavailable(self.url, f"no answer to {method} {target} within {wait:.0f} s") from None
+                except ssl.SSLCertVerificationError as err:
+                    self._drop()
+                    raise ServiceUnavailable(self.url, f"its TLS certificate is not trusted: {err.verify_message}; "
+                                                       f"for a self-signed certificate give it as the CA file") from None
                 except _GONE as err:
                     self._drop()
                     if reused and attempt == 0:
@@ -622,7 +627,7 @@ def read_token_file(path: Any) -> str:
         SSSError: the file cannot be read or is empty.
     """
     try:
-        with open(path, "r", encoding="utf-8") as f:
+        with open(os.path.expanduser(os.fspath(path)), "r", encoding="utf-8") as f:
             token = f.readline().strip()
     except OSError as err:
         raise SSSError(f"{path}: cannot read the token file ({err.strerror or err}). "

@@ -136,3 +136,32 @@ def test_local_service_that_dies_before_ready_quotes_its_log(tmp_path):
     assert not service.alive()
     service.stop()
     assert not os.path.exists(token_file)
+
+
+def test_https_with_the_servers_certificate_as_ca_file(tmp_path):
+    import ssl
+    import subprocess
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(cert), str(key))
+
+    def answer(server, conn, n):
+        try:
+            with context.wrap_socket(conn, server_side=True) as tls:
+                server.read_request(tls)
+                tls.sendall(ok(INFO))
+        except (ssl.SSLError, OSError):
+            pass  # the untrusting client hangs up during the handshake
+
+    server = RawServer(answer)
+    url = server.url.replace("http://", "https://")
+    try:
+        assert ServiceClient(url, "x" * 20, ca_file=str(cert)).info()["sss_version"] == "test"
+        with pytest.raises(ServiceUnavailable, match="TLS certificate is not trusted"):
+            ServiceClient(url, "x" * 20)  # the system's trust store does not know it
+    finally:
+        server.close()
