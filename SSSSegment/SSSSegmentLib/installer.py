@@ -192,11 +192,12 @@ class PlanRunner:
         env = dict(self.base_env)
         env.update(step.env)
         env["PYTHONUNBUFFERED"] = "1"
+        env["PYTHONIOENCODING"] = "utf-8"  # pip's output, whatever the console's code page
         self.log.append(f"$ {step.command_line(self.python)}")
         try:
             self._proc = subprocess.Popen(
                 [self.python] + step.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=env, text=True, errors="replace", bufsize=1, **_new_group_kwargs(),
+                env=env, text=True, encoding="utf-8", errors="replace", bufsize=1, **_new_group_kwargs(),
             )
         except OSError as e:
             self._fail(f"Could not start '{self.python}': {e}.")
@@ -277,14 +278,17 @@ def run_plan_with_dialog(plan: InstallPlan, parent=None) -> bool:
     Raises:
         InstallationError: a step failed (the message says why and what to do).
     """
+    import shutil
+
     import qt
     import slicer.util
 
+    # As slicer.util.pip_install does: the PythonSlicer launcher, started from Slicer's startup environment.
     try:
-        base_env = slicer.util.startupEnvironment()  # as slicer.util.pip_install starts PythonSlicer
+        base_env = slicer.util.startupEnvironment()
     except AttributeError:
         base_env = None
-    runner = PlanRunner(plan, base_env=base_env).start()
+    runner = PlanRunner(plan, python=shutil.which("PythonSlicer") or sys.executable, base_env=base_env).start()
     dialog = slicer.util.createProgressDialog(parent=parent, value=0, maximum=1000, windowTitle="Installing SSS packages")
     dialog.labelText = "Starting..."
     dialog.minimumDuration = 0

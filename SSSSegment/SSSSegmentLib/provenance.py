@@ -15,7 +15,7 @@ volume's parent transform does not count either.
 """
 
 import contextlib
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Tuple
 
 from . import constants as C
 from .markups import ClassNodes, apply_pending_polarity, point_is_positive
@@ -116,25 +116,23 @@ class PromptEditWatcher:
         self._nodes = {}
         self._fingerprints = {}
 
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
+    def paused(self) -> ContextManager[None]:
         """Ignore changes while code (not a person) writes markups; they become the new baseline."""
-        self._pause_depth += 1
-        try:
-            yield
-        finally:
-            self._pause_depth -= 1
-            if not self._pause_depth:
-                self._rebaseline()
+        return self._ignoring(rebaseline=True)
+
+    def _quiet(self) -> ContextManager[None]:
+        """Ignore events without taking a new baseline (for writes that are part of a user edit)."""
+        return self._ignoring(rebaseline=False)
 
     @contextlib.contextmanager
-    def _quiet(self) -> Iterator[None]:
-        """Ignore events without taking a new baseline (for writes that are part of a user edit)."""
+    def _ignoring(self, rebaseline: bool) -> Iterator[None]:
         self._pause_depth += 1
         try:
             yield
         finally:
             self._pause_depth -= 1
+            if rebaseline and not self._pause_depth:
+                self._rebaseline()
 
     def _rebaseline(self) -> None:
         for node_id, node in self._nodes.items():
