@@ -12,6 +12,9 @@ rule (its naive re-run is a fresh session that re-embeds the slices it visits).
 Each configuration runs in its own process so its peak memory is its own.
 
     python benchmarks/bench_engine.py [--device cpu|cuda] [--configs tiny512,tiny1024,litemedsam]
+
+``--runtimes`` instead compares the CPU encoder runtimes side by side in one process (see
+:func:`runtimes_worker`) and writes ``results/engine_cpu_runtimes.json``.
 """
 
 from __future__ import annotations
@@ -161,13 +164,130 @@ def worker(config: str, device: str) -> dict:
     return out
 
 
+CASES = {"lung1": ("lung1_crop_image.nrrd", "lung1_crop_label.nrrd"),
+         "brain1": ("brain1_image.nrrd", "brain1_label.nrrd")}
+
+
+def runtimes_worker(rounds: int, sam2_size: int) -> dict:
+    """LiteMedSAM's image encoder in each CPU runtime, side by side in this one process.
+
+    Timing: the runtimes take turns on the same lung1 slices (``rounds`` slices each, after one
+    warm-up), so a change of load on a shared machine hits them alike; the median is reported.
+    Dice: each runtime segments both bundled cases from the demo's box (a fresh session each).
+    ``chosen`` is what ``build_backbone("litemedsam", device="cpu")`` picks. SAM-2.1 tiny (random
+    init, ``sam2_size`` px) is timed the same way when ``sam2_size`` > 0 (no Dice: untrained).
+    """
+    import statistics
+
+    import torch
+
+    from sss_lib.backbones import encoder_runtime as er
+    from sss_lib.backbones.litemedsam import build_litemedsam_backbone
+    from sss_lib.backbones.registry import build_backbone
+    from sss_lib.backbones.sam2_backbone import build_sam2_backbone
+    from sss_lib.demo import box_prompt_from_label, sample_data_dir
+    from sss_lib.engine import SegmentationSession
+    from sss_lib.metrics import dice
+    from sss_lib.volume_io import read_label, read_volume
+
+    torch.set_num_threads(int(os.environ.get("SSS_BENCH_THREADS", os.cpu_count() or 1)))
+    load_before = os.getloadavg()
+    wanted = ["torch", "openvino", "onnxruntime", "openvino-bf16"]
+    chosen = build_backbone("litemedsam", device="cpu").encoder_runtime
+    backbones = {}
+    for name in wanted:
+        b = build_litemedsam_backbone(device="cpu", encoder_runtime=name)
+        if b.encoder_runtime == name:  # a runtime not offered here falls back: skip the duplicate
+            backbones[name] = b
+    data = sample_data_dir()
+    volume = read_volume(data / CASES["lung1"][0])
+    slices = SegmentationSession(volume, backbones["torch"]).slices
+    picks = np.linspace(10, len(slices) - 10, rounds).round().astype(int)
+
+    def timings(models: dict, images) -> tuple[dict, dict]:
+        times = {n: [] for n in models}
+        diffs = {n: 0.0 for n in models}
+        for n, b in models.items():
+            b.embed_slice(images[0])  # warm-up (first-call allocations, thread pools)
+        for img in images:
+            ref = None
+            for n, b in models.items():
+                t0 = time.perf_counter()
+                emb = b.embed_slice(img)
+                times[n].append(time.perf_counter() - t0)
+                feats = [f.float() for f in (emb.features if isinstance(emb.features, tuple) else (emb.features,))]
+                if ref is None:
+                    ref = feats
+                diffs[n] = max(diffs[n], max(float((f - r).abs().max()) for f, r in zip(feats, ref)))
+        return ({n: 1000 * statistics.median(t) for n, t in times.items()}, diffs)
+
+    ms, diffs = timings(backbones, [slices[i] for i in picks])
+    rows = []
+    for name, b in backbones.items():
+        row = {"model": "litemedsam", "image_size": 256, "runtime": name, "ms_per_slice": ms[name],
+               "speedup_vs_torch": ms["torch"] / ms[name], "max_abs_diff_vs_torch": diffs[name],
+               "cache_key": b.cache_key(), "chosen": name == chosen}
+        for case, (image_file, label_file) in CASES.items():
+            vol = read_volume(data / image_file)
+            truth = read_label(data / label_file, reference=vol)
+            prompts = box_prompt_from_label(truth)
+            t0 = time.perf_counter()
+            result = SegmentationSession(vol, b, slice_axis=prompts.slice_axis).segment(prompts)
+            row[f"dice_{case}"] = dice(result.labels.voxels == 1, truth.voxels == 1)
+            row[f"segment_{case}_s"] = time.perf_counter() - t0
+        rows.append(row)
+        print(f"done litemedsam {name}", file=sys.stderr)
+    for row in rows:
+        row["dice_within_0.005"] = all(abs(row[f"dice_{c}"] - rows[0][f"dice_{c}"]) <= 0.005 for c in CASES)
+    if sam2_size:
+        sams = {}
+        for name in wanted:
+            b = build_sam2_backbone("sam2.1_hiera_tiny", image_size=sam2_size, random_init=True,
+                                    encoder_runtime=name)
+            if b.encoder_runtime == name:
+                sams[name] = b
+        ms2, diffs2 = timings(sams, [slices[i] for i in picks[: max(2, rounds // 2)]])
+        rows += [{"model": "sam2.1_hiera_tiny (random init)", "image_size": sam2_size, "runtime": n,
+                  "ms_per_slice": ms2[n], "speedup_vs_torch": ms2["torch"] / ms2[n],
+                  "max_abs_diff_vs_torch": diffs2[n], "chosen": n == chosen} for n in sams]
+    bf16 = "openvino-bf16" in backbones
+    return {"runs": rows, "chosen": chosen, "bf16_offered": bf16, "timing_rounds": int(rounds),
+            "openvino_cpu_capabilities": _ov_capabilities(), "export_count": er.export_count,
+            "load_average_before": load_before, "load_average_after": os.getloadavg()}
+
+
+def _ov_capabilities() -> list[str]:
+    try:
+        import openvino as ov
+    except ImportError:
+        return []
+    return list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+def runtimes_main(args: argparse.Namespace) -> None:
+    out = runtimes_worker(args.rounds, args.sam2_size)
+    path = write_results(args.name or "engine_cpu_runtimes", out)
+    headers = ["model", "size", "runtime", "ms/slice", "vs torch", "max abs diff", "Dice lung1", "Dice brain1", "chosen"]
+    table = [[r["model"], r["image_size"], r["runtime"], round(r["ms_per_slice"]), f"{r['speedup_vs_torch']:.2f}x",
+              f"{r['max_abs_diff_vs_torch']:.1e}", r.get("dice_lung1", "-"), r.get("dice_brain1", "-"),
+              "yes" if r["chosen"] else ""] for r in out["runs"]]
+    print(markdown_table(headers, table))
+    print(f"\nload average before {out['load_average_before']}, after {out['load_average_after']}; written {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--configs", default="litemedsam,tiny512,tiny1024")
     parser.add_argument("--name", default=None, help="results file name (default engine_<device>)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--runtimes", action="store_true", help="compare the CPU encoder runtimes (one process)")
+    parser.add_argument("--rounds", type=int, default=7, help="--runtimes: slices timed per runtime")
+    parser.add_argument("--sam2-size", type=int, default=1024, help="--runtimes: SAM-2 tiny input (0: skip)")
     args = parser.parse_args()
+    if args.runtimes:
+        runtimes_main(args)
+        return
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker, args.device)))
         return
