@@ -2,6 +2,7 @@
 subprocesses (order, environment, progress, cancel, failures), and the loaded-old-torch refusal."""
 
 import json
+import os
 import sys
 import textwrap
 import time
@@ -265,3 +266,121 @@ def test_repository_root_is_put_on_sys_path_from_source(slicer_core, monkeypatch
     assert ensure_sss_lib_importable(str(tmp_path / "SSSSegment")) == str(tmp_path)
     assert str(tmp_path) in sys.path
     assert ensure_sss_lib_importable(str(tmp_path / "elsewhere" / "x")) is None
+
+
+class FakeQt:
+    """Just what run_plan_with_dialog uses of Qt: a timer and a local event loop that fires it."""
+
+    def __init__(self):
+        self.timers = []
+        qt = self
+
+        class QTimer:
+            def __init__(self):
+                self.slots, self.active = [], False
+                qt.timers.append(self)
+
+            def setInterval(self, ms):
+                pass
+
+            def connect(self, signal, slot):
+                assert signal == "timeout()"
+                self.slots.append(slot)
+
+            def start(self):
+                self.active = True
+
+            def stop(self):
+                self.active = False
+
+        class QEventLoop:
+            def exec_(self):
+                self.running = True
+                while self.running:
+                    time.sleep(0.02)
+                    for timer in [t for t in qt.timers if t.active]:
+                        for slot in timer.slots:
+                            slot()
+
+            def quit(self):
+                self.running = False
+
+        self.QTimer, self.QEventLoop = QTimer, QEventLoop
+
+
+class FakeProgressDialog:
+    def __init__(self, cancel_when=None):
+        self.values, self.labels, self.closed, self.cancel_when = [], [], False, cancel_when
+        self.minimumDuration = 0
+
+    @property
+    def wasCanceled(self):
+        return bool(self.cancel_when and any(self.cancel_when in text for text in self.labels))
+
+    def __setattr__(self, name, value):
+        if name == "value":
+            self.values.append(value)
+        elif name == "labelText":
+            self.labels.append(value)
+        else:
+            object.__setattr__(self, name, value)
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.fixture
+def dialog_env(deps, tmp_path, monkeypatch):
+    """run_plan_with_dialog with a stand-in Qt, Slicer's progress dialog and PythonSlicer."""
+    import shutil
+
+    import slicer.util
+
+    def setup(body, cancel_when=None):
+        python, record = fake_python(tmp_path, body)
+        dialog = FakeProgressDialog(cancel_when)
+        monkeypatch.setitem(sys.modules, "qt", FakeQt())
+        monkeypatch.setattr(slicer.util, "createProgressDialog", lambda **kwargs: dialog, raising=False)
+        monkeypatch.setattr(slicer.util, "startupEnvironment", lambda: dict(os.environ), raising=False)
+        real_which = shutil.which
+        monkeypatch.setattr(shutil, "which", lambda name, *a, **k: python if name == "PythonSlicer" else real_which(name, *a, **k))
+        plan = deps.plan_installation("local", versions(), loaded={}, platform="linux", nvidia=False)
+        return plan, dialog, record
+
+    return setup
+
+
+def test_dialog_shows_progress_until_done(dialog_env):
+    from SSSSegmentLib.installer import run_plan_with_dialog
+
+    plan, dialog, record = dialog_env("""
+        print('  Downloading x-1.0-py3-none-any.whl (2.0 MB)', flush=True)
+        time.sleep(0.1)
+        print('Installing collected packages: x', flush=True)
+    """)
+    assert run_plan_with_dialog(plan) is True
+    assert dialog.closed and dialog.values[-1] == 1000 and dialog.values == sorted(dialog.values)
+    assert any("Step 1 of 4" in text for text in dialog.labels) and any("Step 4 of 4: SAM-2" in text for text in dialog.labels)
+    assert [c["argv"] for c in calls(record)] == [s.args for s in plan.steps]
+
+
+def test_dialog_cancel_stops_the_plan(dialog_env):
+    from SSSSegmentLib.installer import run_plan_with_dialog
+
+    plan, dialog, record = dialog_env("""
+        print('  Downloading big-1.0-py3-none-any.whl (500.0 MB)', flush=True)
+        time.sleep(60)
+    """, cancel_when="Downloading big")
+    started = time.monotonic()
+    assert run_plan_with_dialog(plan) is False
+    assert time.monotonic() - started < 10 and dialog.closed and len(calls(record)) == 1
+
+
+def test_dialog_reports_a_failure(dialog_env):
+    from SSSSegmentLib.errors import InstallationError
+    from SSSSegmentLib.installer import run_plan_with_dialog
+
+    plan, dialog, _ = dialog_env("print('ERROR: No matching distribution found (network is unreachable)'); sys.exit(1)")
+    with pytest.raises(InstallationError, match="could not be reached"):
+        run_plan_with_dialog(plan)
+    assert dialog.closed
