@@ -47,7 +47,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import IO, Any, Mapping, Sequence
 
 from ..errors import InputError
 from ..runs.layout import RunPaths
@@ -162,6 +162,33 @@ def _is_our_trainer(pid: int | None, run_dir: Path) -> bool:
     return True
 
 
+def _lock_folder(folder: Path) -> IO[bytes] | None:
+    """Hold ``folder/.lock`` for this process (released when the returned file is closed), so two
+    services never schedule the same jobs. Where ``fcntl`` is missing (Windows) nothing is locked.
+
+    Raises:
+        InputError: another process holds it.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    f = open(folder / ".lock", "a+b")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().decode("ascii", "replace").strip() or "?"
+        f.close()
+        raise InputError(folder, f"is used by another SSS service (pid {holder})",
+                         "Stop that service, or give this one another --jobs-dir.") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()).encode())
+    f.flush()
+    return f
+
+
 def _package_parent() -> str:
     import sss_lib
 
@@ -192,6 +219,7 @@ class JobManager:
         self.root = Path(jobs_dir).resolve()
         self.jobs_root = self.root / "jobs"
         self.jobs_root.mkdir(parents=True, exist_ok=True)
+        self._dir_lock = _lock_folder(self.root)
         self.uploads = UploadStore(self.root / "uploads", max_extract=max_extract)
         self.data_root = Path(data_root) if data_root is not None else None
         self.gpus = max(0, int(gpus))
@@ -234,13 +262,21 @@ class JobManager:
         return self
 
     def close(self, *, stop_jobs: bool = True, grace_s: float = 10.0) -> None:
-        """Stop the scheduler. ``stop_jobs``: ask running trainers to stop at a clean point and wait
-        up to ``grace_s`` for them (those still running are adopted by the next start)."""
+        """Stop the scheduler and release the jobs folder. ``stop_jobs``: ask running trainers to
+        stop at a clean point and wait up to ``grace_s`` for them (those still running are adopted
+        by the next start)."""
         self._closing.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        if not stop_jobs:
-            return
+        try:
+            if stop_jobs:
+                self._stop_all(grace_s)
+        finally:
+            if self._dir_lock is not None:
+                self._dir_lock.close()  # releases the lock
+                self._dir_lock = None
+
+    def _stop_all(self, grace_s: float) -> None:
         with self._lock:
             for job in self._jobs.values():
                 if job.state in ACTIVE_STATES:

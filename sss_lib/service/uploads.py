@@ -274,8 +274,13 @@ class UploadStore:
         self.incoming = self.root / ".incoming"
         self.incoming.mkdir(exist_ok=True)
         self.max_extract = int(max_extract)
-        for stale in self.incoming.iterdir():  # bodies of uploads a killed server never finished
+        # Bodies and extractions a killed server never finished (an upload is whole once its
+        # upload.json exists; the caller holds the jobs folder, so nothing else writes here).
+        for stale in self.incoming.iterdir():
             stale.unlink(missing_ok=True) if stale.is_file() else shutil.rmtree(stale, ignore_errors=True)
+        for folder in self.root.iterdir():
+            if _ID_RE.match(folder.name) and not (folder / "upload.json").is_file():
+                shutil.rmtree(folder, ignore_errors=True)
 
     def new_body_file(self) -> tuple[Path, IO[bytes]]:
         """A fresh file for an incoming request body: ``(path, open binary file)``."""

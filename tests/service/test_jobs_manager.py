@@ -290,3 +290,23 @@ def test_unknown_job_and_data_root_off(tmp_path, data_root):
     with pytest.raises(ApiError) as err:
         m.submit({"path": "Dataset001_Lab"})
     assert err.value.status == 403 and "--data-root" in str(err.value)
+
+
+def test_one_service_per_jobs_folder(tmp_path, data_root):
+    from sss_lib.errors import InputError
+
+    first = JobManager(tmp_path / "jobs", data_root=data_root, trainer=FAKE)
+    with pytest.raises(InputError, match=f"another SSS service \\(pid {os.getpid()}\\)"):
+        JobManager(tmp_path / "jobs", data_root=data_root, trainer=FAKE)
+    first.close()
+    JobManager(tmp_path / "jobs", data_root=data_root, trainer=FAKE).close()  # free again once closed
+
+
+def test_unfinished_uploads_are_cleared_at_start(tmp_path):
+    jobs = tmp_path / "jobs"
+    JobManager(jobs, trainer=FAKE).close()
+    half = jobs / "uploads" / "0123456789abcdef01234567"
+    (half / "data").mkdir(parents=True)  # extracted, but killed before upload.json
+    (jobs / "uploads" / ".incoming" / "body-1").write_bytes(b"partial body")
+    JobManager(jobs, trainer=FAKE).close()
+    assert not half.exists() and not any((jobs / "uploads" / ".incoming").iterdir())
