@@ -283,12 +283,9 @@ def run_plan_with_dialog(plan: InstallPlan, parent=None) -> bool:
     import qt
     import slicer.util
 
-    # As slicer.util.pip_install does: the PythonSlicer launcher, started from Slicer's startup environment.
-    try:
-        base_env = slicer.util.startupEnvironment()
-    except AttributeError:
-        base_env = None
-    runner = PlanRunner(plan, python=shutil.which("PythonSlicer") or sys.executable, base_env=base_env).start()
+    # As slicer.util.pip_install does (executePythonModule): the PythonSlicer launcher on Slicer's
+    # PATH, started with Slicer's current environment.
+    runner = PlanRunner(plan, python=shutil.which("PythonSlicer") or sys.executable).start()
     dialog = slicer.util.createProgressDialog(parent=parent, value=0, maximum=1000, windowTitle="Installing SSS packages")
     dialog.labelText = "Starting..."
     dialog.minimumDuration = 0

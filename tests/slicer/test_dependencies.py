@@ -2,7 +2,6 @@
 subprocesses (order, environment, progress, cancel, failures), and the loaded-old-torch refusal."""
 
 import json
-import os
 import sys
 import textwrap
 import time
@@ -341,7 +340,6 @@ def dialog_env(deps, tmp_path, monkeypatch):
         dialog = FakeProgressDialog(cancel_when)
         monkeypatch.setitem(sys.modules, "qt", FakeQt())
         monkeypatch.setattr(slicer.util, "createProgressDialog", lambda **kwargs: dialog, raising=False)
-        monkeypatch.setattr(slicer.util, "startupEnvironment", lambda: dict(os.environ), raising=False)
         real_which = shutil.which
         monkeypatch.setattr(shutil, "which", lambda name, *a, **k: python if name == "PythonSlicer" else real_which(name, *a, **k))
         plan = deps.plan_installation("local", versions(), loaded={}, platform="linux", nvidia=False)
