@@ -51,8 +51,9 @@ DOWNLOAD_MB_SOURCE = (
     "triton 248.0, nvidia-nccl 216.0, nvidia-cufft 214.1, nvidia-cusolver 200.9, nvidia-cusparselt 170.1, "
     "nvidia-cusparse 145.9, nvidia-cuda-nvrtc 90.2, nvidia-nvshmem 60.4, nvidia-curand 59.5, nvidia-nvjitlink 46.6, "
     "smaller ones 40) = 3021 MB; torch Windows 124.1 MB, macOS arm64 127.3 MB (CPU builds); the Linux CPU build "
-    "(torch 2.13.0+cpu) 191.8 MB. Windows CUDA builds come from PyTorch's own index, which was not reachable "
-    "here; they bundle the CUDA libraries like Linux and are taken as the same 3 GB."
+    "(torch 2.13.0+cpu) 191.8 MB. light-the-torch installs from PyTorch's own package index, which could not be "
+    "reached where these were measured; its builds carry the same libraries, so the PyPI sizes stand in for "
+    "them, and Windows CUDA builds (which bundle the CUDA libraries) are taken as the same 3 GB as Linux."
 )
 
 # Download size (MB) of torch + torchvision and their dependencies, by (platform, NVIDIA GPU present).
