@@ -164,15 +164,20 @@ def test_failed_trainer_gives_its_message(tmp_path, data_root):
         m.close()
 
 
-def test_restart_adopts_a_live_trainer_and_interrupts_a_dead_one(tmp_path, data_root):
-    jobs = tmp_path / "jobs"
+def abandoned_server(jobs: Path, data_root: Path) -> tuple[str, str, int]:
+    """A manager with a running job and a queued one goes away without stopping anything (a killed
+    server); ``(running job, queued job, trainer pid)``."""
     m1 = manager(jobs, data_root, step_s=0.1)
     jid = m1.submit({"path": "Dataset001_Lab"}, settings={"iterations": 30})["job_id"]
     queued = m1.submit({"path": "Dataset001_Lab"}, settings={"iterations": 2})["job_id"]
     wait_step(m1, jid, 2)
     m1.close(stop_jobs=False)  # the server dies; its trainer does not
-    pid = json.loads((jobs / "jobs" / jid / "job.json").read_text())["pid"]
+    return jid, queued, json.loads((jobs / "jobs" / jid / "job.json").read_text())["pid"]
 
+
+def test_restart_adopts_a_live_trainer_and_interrupts_a_dead_one(tmp_path, data_root):
+    jobs = tmp_path / "jobs"
+    jid, queued, pid = abandoned_server(jobs, data_root)
     m2 = manager(jobs, data_root, step_s=0.1)
     try:
         view = m2.get(jid)
@@ -192,12 +197,7 @@ def test_restart_adopts_a_live_trainer_and_interrupts_a_dead_one(tmp_path, data_
 
 def test_restart_finds_a_dead_trainer_interrupted_and_queued_jobs_start(tmp_path, data_root):
     jobs = tmp_path / "jobs"
-    m1 = manager(jobs, data_root, step_s=0.1)
-    jid = m1.submit({"path": "Dataset001_Lab"}, settings={"iterations": 30})["job_id"]
-    queued = m1.submit({"path": "Dataset001_Lab"}, settings={"iterations": 2})["job_id"]
-    wait_step(m1, jid, 2)
-    m1.close(stop_jobs=False)
-    pid = json.loads((jobs / "jobs" / jid / "job.json").read_text())["pid"]
+    jid, queued, pid = abandoned_server(jobs, data_root)
     os.killpg(pid, signal.SIGKILL)  # server and trainer gone (a power cut)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
