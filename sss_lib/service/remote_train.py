@@ -163,7 +163,11 @@ def _follow(client: Any, job_id: str, after: int, args: argparse.Namespace, out:
     state = job["state"]
     if state == "done":
         target = Path(args.out) if args.out else Path(f"sss-job-{job_id}.ssstask")
-        client.download_model(job_id, target)
+        try:
+            client.download_model(job_id, target)
+        except SSSError as e:
+            raise SSSError(f"job {job_id} is done but its model could not be fetched ({e}); fetch it with: "
+                           f"{hint} --out {target}") from None
         _say(err, f"task model: {target}")
         return 0
     if state == "stopped":

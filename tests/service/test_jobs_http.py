@@ -272,5 +272,11 @@ def test_bad_requests_get_a_message_and_the_server_keeps_answering(service, tmp_
     (tmp_path / "not_a_dataset" / "readme.txt").write_text("nothing to train on")
     e = refused(lambda: client.submit_job(tmp_path / "not_a_dataset"))
     assert e.status == 422
+    # train --server: a refused job is an error line on stdout and exit code 2, as a local run.
+    bad = train_cli(svc, "--labeled", "server:Dataset001_Lab", "--iterations", "0", cwd=tmp_path)
+    out, err = bad.communicate(timeout=120)
+    assert bad.returncode == 2
+    (event,) = records(out)
+    assert event.event == "error" and "at least 1" in event.message and "error:" in err
     assert client.info()["api_version"] == 1  # still serving
     assert all(j["state"] in END for j in client.jobs())
