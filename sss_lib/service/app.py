@@ -89,7 +89,10 @@ class BodyLimitMiddleware:
 
 
 def _error_response(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse(protocol.error_body(code, message), status_code=status)
+    # After a 413 the rest of the body is not read: close the connection, or a client still
+    # sending (a chunked body) and the server waiting for its end would wait for each other.
+    headers = {"Connection": "close"} if status == 413 else None
+    return JSONResponse(protocol.error_body(code, message), status_code=status, headers=headers)
 
 
 def _install_error_handlers(app: FastAPI) -> None:

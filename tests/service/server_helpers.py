@@ -82,3 +82,25 @@ def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, 
     assert set(body) == {"error"} and body["error"]["code"] == code, body
     assert "Traceback" not in response.text and len(body["error"]["message"]) > 10
     return body["error"]
+
+
+def raw_http(url: str, head: str, chunks: list[bytes] = (), timeout: float = 60.0) -> tuple[int, bytes]:
+    """Send ``head`` (request line and headers, CRLF-terminated lines without the blank line) and
+    ``chunks`` on a plain socket, then read the answer to its end: ``(status, body)``."""
+    import socket
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=timeout) as sock:
+        sock.sendall(head.encode("latin-1") + b"\r\n")
+        for chunk in chunks:
+            sock.sendall(chunk)
+        data = b""
+        while True:
+            part = sock.recv(65536)
+            if not part:
+                break
+            data += part
+    header, _, body = data.partition(b"\r\n\r\n")
+    status = int(header.split(b" ", 2)[1])
+    return status, body
