@@ -332,7 +332,10 @@ class JobManager:
             raise ApiError(422, "bad_request", f"name must be a string of at most {_NAME_MAX} characters")
         now = time.time()
         job_id = secrets.token_hex(6)
-        job = Job(job_id=job_id, name=(name or Path(lab["resolved"]).name), state="queued", created=now,
+        folder = Path(lab["resolved"])
+        if "upload_id" in lab and folder.name == "data":  # the dataset was at the archive's root
+            folder = Path(f"upload-{str(lab['upload_id'])[:8]}")
+        job = Job(job_id=job_id, name=(name or folder.name), state="queued", created=now,
                   queued_at=now, labeled={k: v for k, v in lab.items() if not k.startswith("_")},
                   unlabeled=None if unl is None else {k: v for k, v in unl.items() if not k.startswith("_")},
                   settings=settings, argv=argv, gpus=gpus)

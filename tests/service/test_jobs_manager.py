@@ -310,3 +310,23 @@ def test_unfinished_uploads_are_cleared_at_start(tmp_path):
     (jobs / "uploads" / ".incoming" / "body-1").write_bytes(b"partial body")
     JobManager(jobs, trainer=FAKE).close()
     assert not half.exists() and not any((jobs / "uploads" / ".incoming").iterdir())
+
+
+def test_job_from_an_upload_with_the_dataset_at_the_archive_root(tmp_path, data_root):
+    import tarfile
+
+    archive = tmp_path / "ds.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:  # as the Slicer panel packs: the folder's content at the root
+        for item in sorted((data_root / "Dataset001_Lab").iterdir()):
+            tf.add(item, arcname=item.name)
+    m = manager(tmp_path / "jobs", data_root)
+    try:
+        upload = m.uploads.add_archive(archive)
+        assert upload["labeled"] == 2
+        jid = m.submit({"upload_id": upload["upload_id"]}, settings={"iterations": 2})["job_id"]
+        view = wait_state(m, jid, ("done",))
+        assert view["name"] == f"upload-{upload['upload_id'][:8]}" and view["labeled"] == {"upload_id": upload["upload_id"]}
+        argv = json.loads(m.progress(jid)["lines"][0]["message"])["argv"]
+        assert argv[1] == m.uploads.get(upload["upload_id"])["path"]
+    finally:
+        m.close()
