@@ -17,7 +17,7 @@ from sss_lib.phantoms import make_cardiac_phantom
 from sss_lib.phantoms_cardiac import make_hard_cardiac_case
 from sss_lib.rings import apply_ring_rule, coarse_argmax, measure_nesting
 from sss_lib.task_model import MANIFEST, TaskModelError, _write_archive, load_task_model, save_task_model
-from tests.test_task_model import make_model
+from test_task_model import make_model
 
 
 @pytest.fixture(scope="module")

@@ -109,6 +109,10 @@ def add_train_arguments(tr: argparse.ArgumentParser) -> None:
                     help="weight of the mask decoder's consistency in the unsupervised loss (default: 1)")
     tr.add_argument("--unsup-decoder-classes", type=int, default=None,
                     help="at most this many classes per unlabeled slice in the decoder's consistency (default: all)")
+    tr.add_argument("--class-guard", action=argparse.BooleanOptionalAction, default=True,
+                    help="drop a class from the unsupervised loss when its validation Dice falls below its "
+                         "warm-up value by --guard-margin, and reset the teacher to the best weights (default: on)")
+    tr.add_argument("--guard-margin", type=float, default=0.05, help="see --class-guard (default: 0.05 Dice)")
     tr.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
@@ -139,7 +143,7 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201 - SemiSupConfig,
         teacher_points={"auto": None, "on": True, "off": False}[args.teacher_points],
         decoder_agreement=not args.no_decoder_agreement, lr_dfe=args.lr_dfe,
         unsup_decoder_classes=args.unsup_decoder_classes, unsup_head_weight=args.unsup_head_weight,
-        unsup_decoder_weight=args.unsup_decoder_weight,
+        unsup_decoder_weight=args.unsup_decoder_weight, class_guard=args.class_guard, guard_margin=args.guard_margin,
     )
 
 

@@ -22,11 +22,13 @@ from .samples import PromptJitter
 if typing.TYPE_CHECKING:
     from ..runs.config import RunConfig
 
-SCHEMA = "sss.semisup-config/2"
+SCHEMA = "sss.semisup-config/3"
 #: Schema 1 (before decoder agreement, DFE's gain from 0 and its tenth learning rate became the
 #: defaults): what its missing or None settings meant, so that ``--resume`` continues such a run as
 #: it was started.
 _SCHEMA_1 = "sss.semisup-config/1"
+#: Schema 2: before the class guard existed (such runs continue without it).
+_SCHEMA_2 = "sss.semisup-config/2"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +124,13 @@ class SemiSupConfig:
         unsup_decoder_classes: at most this many prompted classes per unlabeled slice enter the
             decoder's consistency each step (drawn at random; None: all). Each is one decode
             with gradients, the costliest part of a step on a CPU.
+        class_guard: **(ours)** the guard against confirmation bias of :mod:`sss_lib.semisup.guard`:
+            per-class validation Dice at the end of the warm-up is each class's baseline; a class
+            that falls more than ``guard_margin`` below it is dropped from the unsupervised loss
+            (where the teacher or the frozen warm-up model gives it), and the teacher is reset to
+            the best validated weights. Needs validation cases; one process only (with several it
+            is turned off, with a warning).
+        guard_margin: see ``class_guard``.
         strong: the strong augmentation's settings.
     """
 
@@ -154,6 +163,8 @@ class SemiSupConfig:
     unsup_head_weight: float = 1.0
     unsup_decoder_weight: float = 1.0
     unsup_decoder_classes: int | None = None
+    class_guard: bool = True
+    guard_margin: float = 0.05
     strong: StrongViewSettings = dataclasses.field(default_factory=StrongViewSettings)
 
     def __post_init__(self) -> None:
@@ -177,6 +188,7 @@ class SemiSupConfig:
             (self.unsup_head_weight >= 0 and self.unsup_decoder_weight >= 0, "unsupervised weights must be >= 0"),
             (self.unsup_decoder_classes is None or self.unsup_decoder_classes >= 0,
              "unsup_decoder_classes must be >= 0"),
+            (0.0 <= self.guard_margin <= 1.0, "guard_margin must lie in [0, 1]"),
         ]
         for ok, problem in checks:
             if not ok:
@@ -232,12 +244,14 @@ class SemiSupConfig:
         """
         body = dict(data)
         schema = body.pop("schema", SCHEMA)
+        if schema in (_SCHEMA_1, _SCHEMA_2):
+            body.setdefault("class_guard", False)
         if schema == _SCHEMA_1:
             body.setdefault("decoder_agreement", False)
             body.setdefault("dfe_zero_init_gain", False)
             if body.get("lr_dfe") is None:
                 body["lr_dfe"] = float(body.get("train", {}).get("lr_head", TrainConfig.lr_head))
-        elif schema != SCHEMA:
+        elif schema not in (SCHEMA, _SCHEMA_2):
             raise InputError(source, f"training settings have schema {schema!r}, this version reads {SCHEMA!r}",
                              "Resume with the SSS version that started the run, or start a new run.")
         try:

@@ -231,6 +231,11 @@ class _Run:
         ctx = StepContext(cfg, adapter, train, unlabeled if cfg.semi_supervised else [], labels, ranges, carry, points,
                           self.dist)
         stepper = SemiSupStepper(ctx, student)
+        if cfg.semi_supervised and cfg.class_guard:
+            if self.dist.distributed:
+                self._warn("--class-guard works in one process only (validation runs on rank 0): turned off")
+            elif not val:
+                self._warn("--class-guard needs validation cases: without them no class can be checked")
 
         from .loop import _Validator
 
@@ -261,7 +266,8 @@ class _Run:
             self.reporter.step(step, losses, lr=row.get("lr"), mask_ratio=row.get("mask_ratio"),
                                epoch=self._epoch(stepper, step))
             validated = False
-            if val and (step % cfg.val_every == 0 or step == cfg.total_steps):
+            guard_check = stepper.guard is not None and step == cfg.warmup  # the guard's baselines
+            if val and (step % cfg.val_every == 0 or step == cfg.total_steps or guard_check):
                 validated = True
                 if self.dist.is_main:
                     self._validate(validator, stepper, step, names)
@@ -374,7 +380,7 @@ class _Run:
             optimizer=stepper.optimizer.state_dict(),
             ema=stepper.teacher.state_dict() if stepper.teacher is not None else None,
             rng=capture_rng_state(stepper.generators), data=stepper.order.state_dict(),
-            extra={"best_dice": self.best_dice, "best_step": self.best_step},
+            extra={"best_dice": self.best_dice, "best_step": self.best_step, "guard": stepper.guard_state()},
         )
 
     def _save(self, stepper: SemiSupStepper, step: int) -> None:
@@ -398,6 +404,7 @@ class _Run:
             raise WeightsError(f"{self.paths.last_checkpoint}: the checkpoint does not fit this run ({err}). "
                                "Resume with the settings the run was started with, or start a new run.") from err
         extra = state.get("extra") or {}
+        stepper.load_guard_state(extra.get("guard"))
         self.best_dice = extra.get("best_dice")
         self.best_step = extra.get("best_step")
         step = int(state["step"])
@@ -413,14 +420,33 @@ class _Run:
         dice = {names.get(k, str(k)): v for k, v in record.dice.items()}
         improved = self.best_dice is None or record.mean_dice > self.best_dice
         note = f"mean {record.mean_dice:.4f}" + (" (best so far)" if improved else "")
-        self.reporter.val(step, dice, note)
         if improved:
             self.best_dice, self.best_step = record.mean_dice, step
+        guarded = self._guard(stepper, step, record.dice, names)
+        self.reporter.val(step, dice, note + (f"; {guarded}" if guarded else ""))
+        if improved:
             save_checkpoint(self.paths.best_checkpoint, self._payload(stepper, step))
         try:
             plot_curves(self.paths.history, self.paths.curves, title=f"{self.paths.root.name}")
         except Exception as err:  # a plot must never end a run
             self._warn(f"could not draw {self.paths.curves}: {err}")
+
+    def _guard(self, stepper: SemiSupStepper, step: int, dice: dict[int, float], names: dict[int, str]) -> str:
+        """Feed the guard one validation; when it drops a class, reset the teacher to the best
+        validated weights (:mod:`sss_lib.semisup.guard`). Returns what it did ("" if nothing)."""
+        if stepper.guard is None:
+            return ""
+        decision = stepper.guard.observe(step, dice)
+        if not decision.dropped:
+            return ""
+        text = decision.describe(names)
+        if stepper.teacher is not None and self.best_step is not None and self.best_step != step \
+                and self.paths.best_checkpoint.is_file():
+            best = load_checkpoint(self.paths.best_checkpoint, map_location=stepper.device)
+            stepper.teacher.module.load_state_dict(best["model"])
+            text += f"; teacher reset to step {self.best_step}"
+        self._warn(text)
+        return text
 
     def _write_model(self, net: Backbone, stepper: SemiSupStepper, classes: tuple[TaskClass, ...],
                      prep: TaskPreprocessing, ranges: dict[int, tuple[float, float]], train: list[LabeledCase],

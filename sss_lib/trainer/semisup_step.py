@@ -50,6 +50,7 @@ from torch import nn
 from ..backbones.base import ABSENT_LOGIT
 from ..semisup import EmaTeacher, confidence_mask, masked_cross_entropy, object_probabilities
 from ..semisup import unsupervised_weight, with_background_logit
+from ..semisup.guard import ClassGuard, guarded_trust
 from .adapters import DecoderAdapter
 from .data import LabeledCase
 from .distributed import DistContext
@@ -165,6 +166,11 @@ class SemiSupStepper:
         self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
         self.teacher = EmaTeacher(student, cfg.ema_decay) if cfg.semi_supervised else None
         self.teacher_points = cfg.teacher_points if cfg.teacher_points is not None else self.adapter.knows_points
+        #: The confirmation-bias guard (:mod:`sss_lib.semisup.guard`) and its anchor: the coarse head
+        #: (with DFE) frozen at the end of the warm-up; the loop feeds the guard validations.
+        self.guard = ClassGuard(ctx.labels, cfg.warmup, cfg.guard_margin) \
+            if cfg.semi_supervised and cfg.class_guard and not ctx.dist.distributed else None
+        self.anchor: nn.ModuleDict | None = None
 
     # -- state -------------------------------------------------------------------------------------
     @property
@@ -203,6 +209,8 @@ class SemiSupStepper:
         self.optimizer.step()
         if self.teacher is not None:
             self.teacher.update(self.student)
+        if self.guard is not None and step == cfg.warmup:
+            self.anchor = self.snapshot_anchor()
         row = {"total": total.item(), "sup": sup.item(), "head": head.item(),
                "decoder": dec.item() if dec is not None else float("nan"),
                "unsup": stats.get("unsup", float("nan")), "lambda_u": weight,
@@ -210,6 +218,40 @@ class SemiSupStepper:
         row.update({k: v for k, v in stats.items() if k not in row})
         row["lr"] = self.optimizer.param_groups[-1]["lr"]
         return row
+
+    def snapshot_anchor(self) -> nn.ModuleDict:
+        """A frozen copy of the student's coarse head (and DFE): the guard's anchor."""
+        import copy
+
+        anchor = nn.ModuleDict({k: copy.deepcopy(self.student[k]) for k in ("coarse_head", "dfe") if k in self.student})
+        anchor.eval()
+        for p in anchor.parameters():
+            p.requires_grad_(False)
+        return anchor
+
+    def guard_state(self) -> dict[str, Any] | None:
+        """The guard and its anchor, for a checkpoint (None without a guard)."""
+        if self.guard is None:
+            return None
+        anchor = {k: v.detach().cpu().clone() for k, v in self.anchor.state_dict().items()} if self.anchor else None
+        return {"guard": self.guard.state_dict(), "anchor": anchor}
+
+    def load_guard_state(self, state: dict[str, Any] | None) -> None:
+        if self.guard is None or not state:
+            return
+        self.guard.load_state_dict(state["guard"])
+        if state.get("anchor") is not None:
+            self.anchor = self.snapshot_anchor()
+            self.anchor.load_state_dict(state["anchor"])
+
+    @torch.no_grad()
+    def _anchor_channels(self, emb: Any, hw: tuple[int, int]) -> np.ndarray | None:
+        """The anchor's argmax channel on one slice ``(H, W)`` (0 = background), None without one."""
+        if self.anchor is None:
+            return None
+        head = coarse_head_of(self.anchor)
+        logits = head(self.adapter.coarse_features(emb)).float()
+        return self.adapter.to_slice_grid(logits, emb, hw)[0].argmax(dim=0).cpu().numpy()
 
     # -- supervised ------------------------------------------------------------------------------
     def _head_loss(self) -> torch.Tensor:
@@ -331,8 +373,10 @@ class SemiSupStepper:
                              orders: list[torch.Tensor]) -> torch.Tensor:
         cap = self.cfg.unsup_decoder_classes
         out = []
+        dropped = set(self.guard.dropped) if self.guard is not None else set()
         for n, (emb, t) in enumerate(zip(embs, targets)):
-            prompted = [self.ctx.labels[int(c)] for c in orders[n] if self.ctx.labels[int(c)] in t.plan.prompts]
+            prompted = [self.ctx.labels[int(c)] for c in orders[n]
+                        if self.ctx.labels[int(c)] in t.plan.prompts and self.ctx.labels[int(c)] not in dropped]
             chosen = prompted if cap is None else prompted[:cap]
             if not chosen or not self.cfg.train.train_decoder:
                 out.append(torch.zeros((), device=self.device))
@@ -388,6 +432,9 @@ class SemiSupStepper:
                     decoded = self.adapter.decode(emb, (h, w), p.box, p.positive, p.negative)
                     logits[0, self.ctx.labels.index(label)] = decoded.logits.float()
                 pseudo, trusted = teacher_targets(logits, plan.untrusted, cfg.confidence)
+                if self.guard is not None and self.guard.dropped:
+                    trusted = guarded_trust(trusted, pseudo, self.guard.dropped_channels(),
+                                            self._anchor_channels(emb, (h, w)))
                 decoder_trusted = agreeing(pseudo, trusted, coarse[(c, s)]) if cfg.decoder_agreement else trusted
                 out.append(Targets(pseudo, trusted, plan, decoder_trusted))
         return out
