@@ -166,3 +166,26 @@ def test_record_text_is_safe_in_a_seg_nrrd_header():
     mask[0, 0, 0] = 1
     assert edit_guard.edited_slices(mask, record) == (0, [0])
     assert edit_guard._ranges([1, 2, 3, 7, 9, 10]) == "1-3, 7, 9-10"
+
+
+def test_slice_digests_match_their_definition():
+    """Chunked over the bounding box, the digests equal the per-slice weighted sums mod 2**64."""
+    from SSSSegmentLib import edit_guard
+
+    rng = np.random.default_rng(3)
+    mask = np.zeros((40, 9, 11), dtype=np.uint8)  # more k slices than one chunk
+    mask[3:37, 2:8, 1:10] = rng.random((34, 6, 9)) < 0.4
+    mask[10, 3, 4], mask[10, 4, 3] = 1, 0
+    w = [[int(v) for v in edit_guard._weights(a, n)] for a, n in enumerate(mask.shape)]
+    expected = ([], [], [])
+    for k in range(40):
+        expected[0].append(sum(w[1][j] * w[2][i] for j, i in zip(*np.nonzero(mask[k]))) % 2**64)
+    for j in range(9):
+        expected[1].append(sum(w[0][k] * w[2][i] for k, i in zip(*np.nonzero(mask[:, j, :]))) % 2**64)
+    for i in range(11):
+        expected[2].append(sum(w[0][k] * w[1][j] for k, j in zip(*np.nonzero(mask[:, :, i]))) % 2**64)
+    got = edit_guard.slice_digests(mask)
+    assert [d.tolist() for d in got] == [list(e) for e in expected]
+    moved = mask.copy()
+    moved[10, 3, 4], moved[10, 4, 3] = mask[10, 4, 3], mask[10, 3, 4]  # swap two voxels of slice 10
+    assert edit_guard.slice_digests(moved)[0][10] != got[0][10]
