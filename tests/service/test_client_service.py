@@ -3,7 +3,7 @@ upload, segment, one-class re-runs as patches, a wrong base answered with the fu
 errors, auto-segment, the CLI's ``--server`` path writing the local path's files, and the service
 killed mid-run.
 
-Input: the bundled lung CT cropped to 10 slices around the tumour (LiteMedSAM, real weights). The
+Input: the bundled lung CT cropped to 6 slices around the tumour (LiteMedSAM, real weights). The
 in-process reference runs the same engine in this process. The last test kills the service.
 """
 
@@ -41,7 +41,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     log_path = tmp_path_factory.mktemp("service") / "service.log"
-    svc = LocalService(["--device", "cpu", "--memory-budget", "1"], log_path=str(log_path)).start()
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # the machine's cores are shared
+    svc = LocalService(["--device", "cpu", "--memory-budget", "1"], log_path=str(log_path), env=env).start()
     try:
         svc.wait_ready(timeout=300)
         yield svc
@@ -56,12 +57,12 @@ def client(service) -> ServiceClient:
 
 @pytest.fixture(scope="module")
 def lung(data_file, tmp_path_factory):
-    """(image, label, image path): the lung sample's slices 28-37, written as NRRD."""
+    """(image, label, image path): the lung sample's slices 30-35 (the tumour's), written as NRRD."""
     from sss_lib.volume_io import read_label, read_volume, write_volume
 
     image = read_volume(data_file("lung1_crop_image.nrrd"))
     label = read_label(data_file("lung1_crop_label.nrrd"), reference=image)
-    k0, k1 = 28, 38
+    k0, k1 = 30, 36
     origin = image.voxel_to_physical(np.array([0.0, 0.0, k0]))
     crop = Volume(image.voxels[k0:k1].copy(), image.spacing, origin, image.direction)
     crop_label = crop.with_voxels(label.voxels[k0:k1].copy())
