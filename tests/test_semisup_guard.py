@@ -125,3 +125,17 @@ def _config_dict(run_dir: Path) -> dict:
     body = json.loads((run_dir / "config.json").read_text())["extra"]["trainer"]
     assert body.pop("schema") == "sss.semisup-config/3" and body.pop("class_guard") is True
     return body
+
+
+def test_command_line_switch(tmp_path: Path):
+    import argparse
+
+    from sss_lib.trainer.run import add_train_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    base = ["--labeled", str(tmp_path / "lab"), "--run-dir", str(tmp_path / "run")]
+    on = config_from_args(parser.parse_args(base))
+    assert on.class_guard and on.guard_margin == 0.05
+    off = config_from_args(parser.parse_args(base + ["--no-class-guard", "--guard-margin", "0.1"]))
+    assert not off.class_guard and off.guard_margin == 0.1
