@@ -164,27 +164,34 @@ def merge_keep_edited(new_mask: np.ndarray, current: np.ndarray, axis: int, slic
     return merged
 
 
+def _edit_of(scene: Any, segmentation_node: Any, volume_node: Any, label: int) -> Optional[Tuple[np.ndarray, int, List[int]]]:
+    """``(current mask, axis, edited slices)`` of class ``label``'s segment, or None if unedited,
+    missing or without a record."""
+    from .segmentation import read_segment_mask, segment_id
+
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id(label))
+    record = decode_record(_tag(segment, C.ATTR_WRITTEN_SLICES)) if segment is not None else None
+    if record is None:
+        return None
+    current = read_segment_mask(scene, segmentation_node, volume_node, segment_id(label))
+    found = edited_slices(current, record)
+    return None if found is None else (current, found[0], found[1])
+
+
 def find_edits(
     scene: Any, segmentation_node: Optional[Any], volume_node: Any, labels: Optional[Iterable[int]] = None
 ) -> List[EditReport]:
     """The SSS segments (of ``labels``, default all) edited since SSS last wrote them."""
-    from .segmentation import read_segment_mask, segment_id
+    from .segmentation import segment_id
 
     if segmentation_node is None:
         return []
     segmentation = segmentation_node.GetSegmentation()
-    wanted = _labels_of(segmentation) if labels is None else [int(v) for v in labels]
     reports = []
-    for label in wanted:
-        segment = segmentation.GetSegment(segment_id(label))
-        if segment is None:
-            continue
-        record = decode_record(_tag(segment, C.ATTR_WRITTEN_SLICES))
-        if record is None:
-            continue
-        found = edited_slices(read_segment_mask(scene, segmentation_node, volume_node, segment_id(label)), record)
-        if found is not None:
-            reports.append(EditReport(label, segment.GetName(), found[0], found[1]))
+    for label in _labels_of(segmentation) if labels is None else [int(v) for v in labels]:
+        edit = _edit_of(scene, segmentation_node, volume_node, label)
+        if edit is not None:
+            reports.append(EditReport(label, segmentation.GetSegment(segment_id(label)).GetName(), edit[1], edit[2]))
     return reports
 
 
@@ -273,11 +280,10 @@ def keep_edited_masks(
     scene: Any, segmentation_node: Any, volume_node: Any, masks: Dict[int, np.ndarray]
 ) -> Dict[int, np.ndarray]:
     """``masks`` (label -> new 0/1 ``[k, j, i]`` mask) with each class's edited slices taken from its
-    current segment (classes without edits are returned unchanged)."""
-    from .segmentation import read_segment_mask, segment_id
-
+    current segment (classes without edits or without a record are returned unchanged)."""
     out = dict(masks)
-    for report in find_edits(scene, segmentation_node, volume_node, masks.keys()):
-        current = read_segment_mask(scene, segmentation_node, volume_node, segment_id(report.label))
-        out[report.label] = merge_keep_edited(masks[report.label], current, report.axis, report.slices)
+    for label, mask in masks.items():
+        edit = _edit_of(scene, segmentation_node, volume_node, label)
+        if edit is not None:
+            out[label] = merge_keep_edited(mask, edit[0], edit[1], edit[2])
     return out
