@@ -1,7 +1,12 @@
 """One Segment / Re-run / Auto-segment of the panel, done by the SSS service and advanced in small steps.
 
 The panel's timer calls :meth:`ServiceRun.step` on the main thread; each call makes at most one
-short request (or none), so the GUI never waits for inference:
+short request (or none), so the GUI never waits for inference. The few requests that can take long
+(uploading the volume, opening a session while the service loads the model, fetching a large
+result) run on a short-lived helper thread that only waits on its socket; waiting in C releases the
+GIL, so the thread does not slow the GUI down (SLICER_API.md section 5), and the main thread makes
+no request meanwhile (the client serves one request at a time). No inference runs in Slicer's process:
+
 
     connect -> [download weights] -> upload volume -> [upload task model] -> open session
             -> start run -> poll (RunHandle.poll) ... -> fetch result -> DONE
@@ -20,6 +25,7 @@ import logging
 import os
 import subprocess
 import tempfile
+import threading
 import time
 from typing import Any, Callable, List, Optional
 
@@ -78,6 +84,45 @@ class RunPlan:
 
 
 _STAGES = {"embed": "Embedding", "propagate": "Propagating", "done": "Done", "load": "Loading the model"}
+# Seconds a long request (upload, opening a session while the model loads, a large result) may take.
+LONG_REQUEST_S = 900.0
+
+
+class _Pending:
+    """One long request on a helper thread that waits on its socket; :attr:`done` when it answered."""
+
+    def __init__(self, client: Any, fn: Callable[[], Any], what: str) -> None:
+        self.what = what
+        self.value: Any = None
+        self.error: Optional[BaseException] = None
+        self._done = threading.Event()
+        self._client = client
+        self._fn = fn
+        threading.Thread(target=self._main, name=f"SSS request: {what}", daemon=True).start()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def _main(self) -> None:
+        # The main thread makes no request until this one ends, so the longer timeout is ours alone.
+        previous = getattr(self._client, "timeout", None)
+        try:
+            if previous is not None:
+                self._client.timeout = max(previous, LONG_REQUEST_S)
+            self.value = self._fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            self.error = e
+        finally:
+            if previous is not None:
+                self._client.timeout = previous
+            self._done.set()
+
+    def take(self) -> Any:
+        """The answer, or the request's exception raised here (main thread)."""
+        if self.error is not None:
+            raise self.error
+        return self.value
 
 
 class ServiceRun:
@@ -102,6 +147,7 @@ class ServiceRun:
         self._retried = False
         self._download: Any = None
         self._download_log = ""
+        self._pending: Optional[_Pending] = None
         self.started = time.perf_counter()
 
     # -- the panel's side -------------------------------------------------------------------------
@@ -144,7 +190,19 @@ class ServiceRun:
             self._close_session(current[1])
 
     # -- phases -----------------------------------------------------------------------------------
+    def _wait(self, fn: Callable[[], Any], what: str) -> Any:
+        """The answer of a long request once it is there; None (and a request on a helper thread)
+        until then. One long request at a time: the phase asks again on the next step."""
+        if self._pending is None:
+            self._pending = _Pending(self._client, fn, what)
+        if not self._pending.done:
+            return None
+        pending, self._pending = self._pending, None
+        return pending.take()
+
     def _advance(self) -> List[Message]:
+        if self._pending is not None and not self._pending.done:
+            return [Message(PROGRESS, text=self._pending.what)]  # the GUI goes on; no request meanwhile
         if self.cancel_requested and self.handle is None:
             return [self._end(Message(CANCELLED, text="Cancelled; nothing was changed."))]
         phase = self._phase
@@ -166,6 +224,8 @@ class ServiceRun:
             return self._step_start()
         if phase == "running":
             return self._step_poll()
+        if phase == "result":
+            return self._step_result()
         raise AssertionError(f"unknown phase {phase}")
 
     def _step_download(self) -> List[Message]:
@@ -200,7 +260,9 @@ class ServiceRun:
             self._volume_id = cached
             text = "The volume is on the service already."
         else:
-            remote = self._client.upload_volume(self.plan.volume)
+            remote = self._wait(lambda: self._client.upload_volume(self.plan.volume), "Uploading the volume...")
+            if remote is None:
+                return [Message(PROGRESS, text="Uploading the volume...")]
             self._volume_id = remote.volume_id
             self.link.cache[key] = remote.volume_id
             text = "Volume uploaded."
@@ -216,7 +278,9 @@ class ServiceRun:
         key = ("model", os.path.abspath(path), stamp)
         model = self.link.cache.get(key)
         if model is None:
-            model = self._client.upload_task_model(path)
+            model = self._wait(lambda: self._client.upload_task_model(path), "Uploading the task model...")
+            if model is None:
+                return [Message(PROGRESS, text="Uploading the task model...")]
             self.link.cache[key] = model
         self._model = model
         self._phase = "session"
@@ -234,13 +298,18 @@ class ServiceRun:
             self._session = current[1]
             self._phase = "start"
             return [Message(PROGRESS, text="Re-using the previous run's session.")]
-        if current is not None:
+        if current is not None and self._pending is None:
             self._close_session(current[1])
         if self.plan.kind == AUTO:
-            session = self._client.open_session(self._volume_id, task_model=self._model["model_id"])
+            session = self._wait(lambda: self._client.open_session(self._volume_id, task_model=self._model["model_id"]),
+                                 "Opening a session (the service loads the task model)...")
         else:
             backbone = None if self.plan.backbone == "auto" else self.plan.backbone
-            session = self._client.open_session(self._volume_id, backbone=backbone, slice_axis=self.plan.axis_name)
+            session = self._wait(
+                lambda: self._client.open_session(self._volume_id, backbone=backbone, slice_axis=self.plan.axis_name),
+                f"Opening a session (the service loads {self.plan.backbone})...")
+        if session is None:
+            return [Message(PROGRESS, text="Opening a session...")]
         self.link.cache["panel session"] = (key, session)
         self._session = session
         self._phase = "start"
@@ -286,7 +355,8 @@ class ServiceRun:
             fraction = event.fraction if event.total else None
             out.append(Message(PROGRESS, text=f"{stage}: {event.message}".strip(), fraction=fraction))
         if status.state == "done":
-            out.append(self._end(Message(DONE, value=self._outcome())))
+            self._phase = "result"
+            out += self._step_result()
         elif status.state == "cancelled":
             out.append(self._end(Message(CANCELLED, text="Cancelled; nothing was changed.")))
         elif status.state == "failed":
@@ -296,10 +366,15 @@ class ServiceRun:
                                          error=UserFacingError(message))))
         return out
 
-    def _outcome(self) -> Any:
+    def _step_result(self) -> List[Message]:
+        result = self._wait(self.handle.result, "Fetching the result...")
+        if result is None:
+            return [Message(PROGRESS, text="Fetching the result...")]
+        return [self._end(Message(DONE, value=self._outcome(result)))]
+
+    def _outcome(self, result: Any) -> Any:
         from .logic import RunOutcome
 
-        result = self.handle.result()
         info = self.link.cache.get("info")
         if info is None:
             try:
