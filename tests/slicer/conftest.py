@@ -101,3 +101,19 @@ def no_training_left_behind(tmp_path):
         state = read_state(str(state_file.parent.parent))
         if state is not None and pid_alive(state.pid):
             kill_process_tree(state.pid)
+
+
+@pytest.fixture(scope="session")
+def local_service_link():
+    """The SSS service on this computer as both panels reach it: the shared ServiceLink started
+    ``python -m sss_lib serve`` (CPU, two threads) as a subprocess; stopped after the session."""
+    import os
+
+    from SSSSegmentLib import service_link
+
+    service_link.forget_shared_link()
+    link = service_link.shared_link(sys.executable, str(REPO), dict(os.environ, OMP_NUM_THREADS="2"))
+    link.configure(service_link.ComputeSettings(), device="cpu")
+    link.wait(timeout=300)
+    yield link
+    service_link.forget_shared_link()

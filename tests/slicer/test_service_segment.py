@@ -24,17 +24,9 @@ from panel_stubs import REPO
 pytestmark = pytest.mark.usefixtures("two_torch_threads")
 
 
-@pytest.fixture(scope="module")
-def link():
-    """The shared link's local service (the one the panels use), on the CPU with two threads."""
-    from SSSSegmentLib import service_link
-
-    service_link.forget_shared_link()
-    shared = service_link.shared_link(sys.executable, str(REPO), dict(os.environ, OMP_NUM_THREADS="2"))
-    shared.configure(service_link.ComputeSettings(), device="cpu")
-    shared.wait(timeout=300)
-    yield shared
-    service_link.forget_shared_link()
+@pytest.fixture
+def link(local_service_link):
+    return local_service_link
 
 
 @pytest.fixture
