@@ -1,7 +1,7 @@
 """Training-job benchmark: what the service adds around the trainer.
 
 (a) upload: a phantom nnU-Net dataset (``--cases`` cases of 256 x 256 x ``--slices``) packed by
-    the client (``.tar.gz``), sent to ``POST /v1/uploads``, extracted safely and read back as a
+    the client (a plain tar: its images are .nii.gz already), sent to ``POST /v1/uploads``, extracted safely and read back as a
     dataset by the server: sizes, seconds, MB/s.
 (b) job overhead: ``--jobs`` tiny jobs (SAM-2.1 tiny at random init, 64 px, 4 steps) queued at once
     on a CPU service (one at a time), each followed through its states: submit -> running (the
@@ -44,7 +44,7 @@ def folder_mb(folder: Path) -> float:
 
 def bench_upload(client: Any, dataset: Path, work: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
-    archive = pack_dataset(dataset, work / "ds.tar.gz")
+    archive = pack_dataset(dataset, work / "ds.tar")
     t_pack = time.perf_counter() - t0
     t0 = time.perf_counter()
     answer = client.upload_dataset(archive)

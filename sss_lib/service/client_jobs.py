@@ -11,7 +11,7 @@
     client.stop_job(job_id); client.resume_job(job_id)
     client.download_model(job_id, "heart.ssstask"); client.download_curves(job_id, "curves.png")
 
-A dataset named by a local folder is packed as a ``.tar.gz`` in a temporary file and streamed to
+A dataset named by a local folder is packed as a tar archive in a temporary file and streamed to
 ``POST /v1/uploads`` (never held in memory whole); symbolic links are packed as the files they
 point to (the server refuses links).
 """
@@ -31,9 +31,29 @@ FOLLOW_WAIT_S = 10.0
 DataRef = Union[str, "os.PathLike[str]", Mapping[str, Any]]
 
 
+#: File endings whose content is compressed already (gzip again would cost time and save nothing).
+COMPRESSED_ENDINGS = (".gz", ".zip", ".npz", ".png", ".jpg", ".jpeg", ".bz2", ".xz", ".zst")
+
+
+def _mostly_compressed(folder: str) -> bool:
+    packed = other = 0
+    for top, _, files in os.walk(folder, followlinks=True):
+        for name in files:
+            try:
+                size = os.path.getsize(os.path.join(top, name))
+            except OSError:
+                continue
+            if name.lower().endswith(COMPRESSED_ENDINGS):
+                packed += size
+            else:
+                other += size
+    return packed >= other
+
+
 def pack_dataset(folder: "Union[str, os.PathLike[str]]", archive: "Union[str, os.PathLike[str]]") -> str:
-    """Write ``folder`` (a dataset folder) as a ``.tar.gz`` at ``archive``, under its own name;
-    links are stored as the files they point to. Returns ``archive``.
+    """Write ``folder`` (a dataset folder) as a tar archive at ``archive``, under its own name: plain
+    when most bytes are compressed already (``.nii.gz`` images), else gzip level 1 (``.nii``,
+    ``.nrrd``); the server reads both. Links are stored as the files they point to. Returns ``archive``.
 
     Raises:
         FileNotFoundError: ``folder`` is not a folder.
@@ -41,8 +61,11 @@ def pack_dataset(folder: "Union[str, os.PathLike[str]]", archive: "Union[str, os
     folder = os.path.abspath(os.fspath(folder))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder}: not a dataset folder")
-    # Level 1: the images are .nii.gz already; more effort shrinks nothing.
-    with tarfile.open(os.fspath(archive), "w:gz", compresslevel=1, dereference=True) as tf:
+    if _mostly_compressed(folder):
+        tf = tarfile.open(os.fspath(archive), "w", dereference=True)
+    else:
+        tf = tarfile.open(os.fspath(archive), "w:gz", compresslevel=1, dereference=True)
+    with tf:
         tf.add(folder, arcname=os.path.basename(folder.rstrip(os.sep)) or "dataset")
     return os.fspath(archive)
 
@@ -69,8 +92,8 @@ class JobsClientMixin:
 
     # -- uploads and submission --------------------------------------------------------------------
     def upload_dataset(self, source: "Union[str, os.PathLike[str]]") -> Dict[str, Any]:
-        """Upload a dataset: a local folder (nnU-Net v2 raw; packed as a ``.tar.gz`` first) or an
-        archive file made already (``.zip`` / ``.tar.gz``). Answers ``{upload_id, cases, labeled,
+        """Upload a dataset: a local folder (nnU-Net v2 raw; packed by :func:`pack_dataset` first) or
+        an archive file made already (``.zip``, ``.tar.gz``, ``.tar``). Answers ``{upload_id, cases, labeled,
         unlabeled, layout, classes}``.
 
         Raises:
@@ -80,7 +103,7 @@ class JobsClientMixin:
         source = os.fspath(source)
         if os.path.isfile(source):
             return self._upload_archive(source)
-        fd, archive = tempfile.mkstemp(prefix="sss-upload-", suffix=".tar.gz")
+        fd, archive = tempfile.mkstemp(prefix="sss-upload-", suffix=".tar")
         os.close(fd)
         try:
             return self._upload_archive(pack_dataset(source, archive))

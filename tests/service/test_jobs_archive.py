@@ -157,3 +157,20 @@ def test_store_refuses_an_archive_without_a_dataset(tmp_path):
         store.get("0123456789abcdef")
     with pytest.raises(Exception, match="unknown upload"):
         store.get("../../etc")
+
+
+def test_client_packs_plain_tar_for_compressed_images_and_gzip_otherwise(tmp_path):
+    from sss_lib.service.client_jobs import pack_dataset
+
+    ds = make_phantom_dataset(tmp_path / "Dataset001_Gz", 2, seed=1, n_slices=3, size=(16, 16))
+    plain = pack_dataset(ds, tmp_path / "a.tar")
+    assert Path(plain).read_bytes()[:2] != b"\x1f\x8b" and tarfile.is_tarfile(plain)
+    raw = tmp_path / "raw"
+    (raw / "images").mkdir(parents=True)
+    (raw / "images" / "case_000.nii").write_bytes(bytes(50_000))
+    packed = pack_dataset(raw, tmp_path / "b.tar")
+    assert Path(packed).read_bytes()[:2] == b"\x1f\x8b" and Path(packed).stat().st_size < 5_000
+    store = UploadStore(tmp_path / "uploads", max_extract=10 * MB)
+    answer = store.add_archive(Path(plain))
+    assert answer["cases"] == 2 and answer["layout"] == "nnunet"
+    assert Path(store.get(answer["upload_id"])["path"]).name == "Dataset001_Gz"
