@@ -11,7 +11,8 @@ the tumour prompted from its box as in ``python -m sss_lib demo``:
     errors (target 0), p50/p95 latency, the server's peak RSS (VmHWM) against --memory-budget.
 (c) bad requests, each with its status code, and /v1/info answering afterwards.
 
-The service is a child process (LocalService), so both sides share this machine's cores; the JSON
+Both sides run torch on ``--threads`` threads (default 1: the service's OMP_NUM_THREADS too). The
+service is a child process (LocalService), so both sides share this machine's cores; the JSON
 records the load average before and after (other processes on a shared machine inflate times).
 
     nice -n 0 python benchmarks/bench_service.py [--repeats 10] [--clients 8] [--reruns 10]
@@ -96,16 +97,14 @@ def bench_overhead(client: ServiceClient, image, prompts, repeats: int) -> dict[
     edits = rerun_prompts(prompts, repeats)
     local = SegmentationSession(image, build_backbone("litemedsam", device="cpu"), slice_axis=prompts.slice_axis)
     local.segment(prompts)
-    local_ms = []
-    for p in edits:
-        t0 = time.perf_counter()
-        local.segment(p)
-        local_ms.append((time.perf_counter() - t0) * 1000)
-
     session = client.open_session(client.upload_volume(image).volume_id, backbone="litemedsam")
     session.segment(prompts).result()
-    remote_ms, server_ms, patch_voxels, same = [], [], [], True
+    # Interleaved (in-process, then service, per edit) so that load from other processes hits both alike.
+    local_ms, remote_ms, server_ms, patch_voxels, same = [], [], [], [], True
     for p in edits:
+        t0 = time.perf_counter()
+        expected = local.segment(p).labels.voxels
+        local_ms.append((time.perf_counter() - t0) * 1000)
         t0 = time.perf_counter()
         run = session.segment(p)
         for _ in run.events():
@@ -114,12 +113,12 @@ def bench_overhead(client: ServiceClient, image, prompts, repeats: int) -> dict[
         remote_ms.append((time.perf_counter() - t0) * 1000)
         server_ms.append(result.seconds * 1000)
         patch_voxels.append(int(np.prod(result.patch_shape)))
-        same = same and bool(np.array_equal(result.labels, local.segment(p).labels.voxels))
+        same = same and bool(np.array_equal(result.labels, expected))
     session.close()
     med_local, med_remote = statistics.median(local_ms), statistics.median(remote_ms)
     overhead = med_remote - med_local
     return {
-        "repeats": repeats, "torch_threads_client_side": torch.get_num_threads(),
+        "repeats": repeats, "torch_threads_in_process": torch.get_num_threads(),
         "in_process_ms": local_ms, "service_ms": remote_ms, "server_run_ms": server_ms,
         "median_in_process_ms": med_local, "median_service_ms": med_remote,
         "median_overhead_ms": overhead, "overhead_ratio": med_remote / med_local,
@@ -235,13 +234,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--reruns", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads on both sides (in-process and the service's OMP_NUM_THREADS)")
     args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
 
     load_before = os.getloadavg()
     image, prompts = lung_inputs()
     data_root = tempfile.mkdtemp(prefix="sss-bench-data-")
     service = LocalService(["--device", "cpu", "--memory-budget", str(MEMORY_BUDGET_GB), "--max-upload",
-                            str(MAX_UPLOAD_MB), "--data-root", data_root]).start()
+                            str(MAX_UPLOAD_MB), "--data-root", data_root], env=env).start()
     try:
         service.wait_ready(timeout=600)
         client = service.client(timeout=600)
@@ -255,7 +260,7 @@ def main() -> None:
     load_after = os.getloadavg()
     payload = {
         "sample": "Testing/Data/lung1_crop_image.nrrd (48 slices), tumour box as in the demo",
-        "backbone": "litemedsam", "device": info.get("device"), "server_info": info,
+        "backbone": "litemedsam", "device": info.get("device"), "server_info": info, "torch_threads": args.threads,
         "load_average_before": load_before, "load_average_after": load_after, "cpu_count": os.cpu_count(),
         "cpu_shared": max(load_before[0], load_after[0]) > 0.5 * (os.cpu_count() or 1),
         "overhead": overhead, "concurrent": concurrent, "bad_requests": bad, "server_peak_rss_mb_end": rss_end,
