@@ -57,12 +57,12 @@ def connect(url: str, token_file: str | Path | None = None, *, ca_file: str | No
 
 
 def _default_token_file(url: str) -> Path | None:
-    from .weights import sss_home
+    from .service.config import default_service_dir
 
     parts = urllib.parse.urlsplit(url)
     if parts.hostname not in ("127.0.0.1", "localhost", "::1") or parts.port is None:
         return None
-    path = sss_home() / "service" / f"token-{parts.port}"
+    path = default_service_dir() / f"token-{parts.port}"
     return path if path.is_file() else None
 
 
