@@ -165,3 +165,27 @@ def test_https_with_the_servers_certificate_as_ca_file(tmp_path):
             ServiceClient(url, "x" * 20)  # the system's trust store does not know it
     finally:
         server.close()
+
+
+def test_cli_server_token_from_the_option_or_the_local_default(tmp_path, monkeypatch, capsys):
+    from sss_lib.cli import main
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there
+    monkeypatch.setenv("SSS_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("SSS_TOKEN_FILE", raising=False)
+    args = ["segment", str(tmp_path / "image.nrrd"), "--prompts", str(tmp_path / "p.json"), "-o", str(tmp_path / "s.nrrd")]
+    assert main([*args, "--server", f"http://127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no token for the SSS service" in err and "--token-file" in err
+
+    # A local service started without --token-file writes $SSS_HOME/service/token-PORT: found there.
+    (tmp_path / "home" / "service").mkdir(parents=True)
+    (tmp_path / "home" / "service" / f"token-{port}").write_text("t" * 32 + "\n")
+    monkeypatch.setenv("SSS_SERVER", f"http://127.0.0.1:{port}")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: the SSS service at http://127.0.0.1:{port} went away") and err.count("\n") == 1
+    assert not (tmp_path / "s.nrrd").exists()
