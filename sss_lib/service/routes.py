@@ -161,7 +161,7 @@ def build_router(state: ServiceState) -> APIRouter:
     async def run_stream(run_id: str) -> StreamingResponse:
         """NDJSON: one event per line, then ``{"state": ...}`` (with ``error`` when failed)."""
         run = state.runs.get(run_id)
-        return StreamingResponse(_follow(run), media_type=protocol.NDJSON_TYPE)
+        return StreamingResponse(_follow(run, state), media_type=protocol.NDJSON_TYPE)
 
     @router.post("/runs/{run_id}/cancel", status_code=202)
     def cancel_run(run_id: str) -> dict[str, Any]:
@@ -181,13 +181,17 @@ def build_router(state: ServiceState) -> APIRouter:
     return router
 
 
-async def _follow(run: Run) -> AsyncIterator[bytes]:
+async def _follow(run: Run, state: ServiceState) -> AsyncIterator[bytes]:
     after = 0
     while True:
         snap = run.snapshot(after)
         for event in snap["events"]:
             yield (json.dumps(event) + "\n").encode()
         after = snap["next"]
+        if state.runs.closing and not run.ended:
+            # The service is stopping: the run is cancelled at its next slice and never resumes;
+            # end the stream now rather than hold up the shutdown until that slice is done.
+            snap["state"] = "cancelled"
         if snap["state"] in protocol.RUN_END_STATES:
             last = {"state": snap["state"]}
             if "error" in snap:

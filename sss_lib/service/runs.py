@@ -189,6 +189,11 @@ class RunManager:
         with self._lock:
             return [r for r in self._runs.values() if not r.ended]
 
+    @property
+    def closing(self) -> bool:
+        """True once the service is stopping (no new runs)."""
+        return self._closed
+
     def cancel_all(self) -> None:
         """Refuse new runs and ask every run to stop (returns at once; safe in a signal handler)."""
         with self._lock:

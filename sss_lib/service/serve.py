@@ -29,7 +29,7 @@ from .config import ServiceConfig, default_service_dir
 log = logging.getLogger(__name__)
 
 #: Seconds uvicorn waits for open requests (long-polls, streams) when stopping.
-GRACEFUL_S = 5
+GRACEFUL_S = 10
 
 
 def is_loopback(host: str) -> bool:

@@ -1,8 +1,8 @@
 """Real SSS services for the server tests: ``python -m sss_lib serve --port 0`` in a subprocess,
 found through its ready line, and raw HTTP through httpx (no client helper code).
 
-``main_server``: default limits, a ``--models`` folder; ``tight_server``: a tiny memory budget,
-a short session TTL and a 1 MB upload limit. Both run LiteMedSAM on the CPU with one thread.
+``main_server``: default limits, a ``--models`` folder; ``tight_server``: a tiny memory budget
+and a 1 MB upload limit. Both run LiteMedSAM on the CPU with one thread.
 """
 
 from __future__ import annotations
@@ -105,9 +105,8 @@ def main_server(tmp_path_factory, models_dir) -> Iterator[Server]:
 
 @pytest.fixture(scope="session")
 def tight_server(tmp_path_factory) -> Iterator[Server]:
-    # 0.01 GB holds two LiteMedSAM slice embeddings (4 MiB each in float32); TTL 0.1 min = 6 s.
-    server = start_server(tmp_path_factory.mktemp("tight"), "--memory-budget", "0.01", "--session-ttl", "0.1",
-                          "--max-upload", "1")
+    # 0.01 GB holds two LiteMedSAM slice embeddings (4 MiB each in float32).
+    server = start_server(tmp_path_factory.mktemp("tight"), "--memory-budget", "0.01", "--max-upload", "1")
     yield server
     assert server.stop() == 0, server.stderr()[-3000:]
 

@@ -59,3 +59,25 @@ def test_max_volumes_still_limits_whole_volumes():
             store.get_or_compute(key(name), s, lambda: np.zeros(4))
     assert store.cached_slices(key("a")) == set()
     assert store.cached_slices(key("b")) == {0, 1} and store.cached_slices(key("c")) == {0, 1}
+
+
+# -- on a real service: one budget for every session -------------------------------------------------
+def test_lru_eviction_under_a_tiny_budget_then_a_run_recomputes(tight_server):
+    from server_helpers import open_session, prompts_doc, run_to_end, two_squares, upload
+
+    with tight_server.client() as c:
+        budget = c.get("/info").json()["memory_budget_bytes"]
+        # The budget holds fewer slice embeddings than two volumes have (two in float32, five in float16).
+        first = open_session(c, upload(c, two_squares(n_slices=3, seed=40))["volume_id"], backbone="litemedsam")
+        _, (_, _, meta_a) = run_to_end(c, first["session_id"], prompts=prompts_doc())
+        assert meta_a["embeddings_computed"] >= 3  # more when a slice was dropped and needed again
+        second = open_session(c, upload(c, two_squares(n_slices=3, seed=41))["volume_id"], backbone="litemedsam")
+        _, (_, _, meta_b) = run_to_end(c, second["session_id"], prompts=prompts_doc())
+        assert meta_b["embeddings_computed"] >= 3
+        memory = c.get("/info").json()["memory"]
+        assert 0 < memory["used_bytes"] <= budget and memory["evicted"] > 0  # the oldest embeddings went first
+        # The first session's embeddings were dropped: a run that needs them recomputes them and succeeds.
+        _, (_, _, meta_a2) = run_to_end(c, first["session_id"], prompts=prompts_doc(box2=(27, 28, 40, 41)))
+        assert meta_a2["recomputed"] == [2] and meta_a2["embeddings_computed"] > 0
+        assert c.get("/info").json()["memory"]["used_bytes"] <= budget
+
