@@ -58,3 +58,15 @@ def backbone():
     from sss_lib.backbones.sam2_backbone import build_sam2_backbone
 
     return build_sam2_backbone("sam2.1_hiera_tiny", image_size=64, random_init=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def torch_image_encoders():
+    """Image encoders stay in torch across the suite (services and CLI subprocesses inherit it):
+    "auto" would export each encoder once per fresh ``SSS_HOME`` (tens of seconds per test home).
+    tests/test_encoder_runtime.py covers the runtimes and "auto"."""
+    from sss_lib.backbones.encoder_runtime import RUNTIME_ENV
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(RUNTIME_ENV, "torch")
+        yield

@@ -41,6 +41,11 @@ class TwoOutputs(torch.nn.Module):
         return y, self.b(y)
 
 
+@pytest.fixture(autouse=True)
+def _no_runtime_override(monkeypatch):
+    monkeypatch.delenv(er.RUNTIME_ENV, raising=False)  # tests/conftest.py keeps the rest of the suite on torch
+
+
 @pytest.fixture
 def module():
     return TwoOutputs().eval()
