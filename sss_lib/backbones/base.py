@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from ..prompts import SlicePrompt
-from .spans import Run, Span, effective_prompts, plan_class, resolve_span
+from .spans import Gate, KeySlice, Run, Span, effective_prompts, plan_class, resolve_span
 
 # Logit written where a propagation never reached (the object ended before this slice).
 ABSENT_LOGIT = -32.0
@@ -131,11 +131,16 @@ class Backbone(abc.ABC):
                 yield from self.propagate_span(slices, embedding, label, span)
 
 
-def span_steps(label: int, span: Span, forward: Run | None, backward: Run | None) -> Iterator[PropagationStep]:
-    """:meth:`Backbone.propagate_span`'s usual body: the span's two runs (``forward`` from
-    ``span.below`` upwards, ``backward`` from ``span.above`` downwards, None where there is no key
-    slice) resolved by :func:`.spans.resolve_span`, as steps of ``label``."""
-    resolved = resolve_span(span, forward, backward)
+def span_steps(label: int, span: Span, make_run: Callable[[KeySlice, int, int, Gate], Run]) -> Iterator[PropagationStep]:
+    """:meth:`Backbone.propagate_span`'s usual body. ``make_run(key, direction, stop, gate)``
+    makes the run of a bounding key slice: from ``key`` towards ``direction`` (+1 up from
+    ``span.below``, -1 down from ``span.above``), never reaching slice ``stop``, asking ``gate``
+    (``yield from gate.wait(s)``) before decoding slice ``s``. The runs are resolved by
+    :func:`.spans.resolve_span` and yielded as steps of ``label``."""
+    gates = {+1: Gate(), -1: Gate()}
+    forward = make_run(span.below, +1, span.hi + 1, gates[+1]) if span.below is not None else None
+    backward = make_run(span.above, -1, span.lo - 1, gates[-1]) if span.above is not None else None
+    resolved = resolve_span(span, forward, backward, gates)
     try:
         for s, logits in resolved:
             yield PropagationStep(s, {label: logits})

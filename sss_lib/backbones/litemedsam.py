@@ -271,13 +271,11 @@ class LiteMedSamBackbone(Backbone):
         ``(S, H, W)`` stack, for the stop rule's intensity statistics)."""
         from .litemedsam_propagate import carry_run
 
-        def run(key: Any, direction: int, stop: int) -> Any:
-            if key is None:
-                return None
+        def run(key: Any, direction: int, stop: int, gate: Any) -> Any:
             return carry_run(self.decode, slices, embedding, key, direction, stop, self.stop_rule,
-                             carry_points=self.carry_points)
+                             carry_points=self.carry_points, gate=gate)
 
-        yield from span_steps(label, span, run(span.below, +1, span.hi + 1), run(span.above, -1, span.lo - 1))
+        yield from span_steps(label, span, run)
 
 
 def build_litemedsam_backbone(*, device: Any = "cpu", stop_rule: StopRule | None = None,

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..prompts import SlicePrompt
 from .base import EmbeddingLookup
-from .spans import KeySlice, Run
+from .spans import Gate, KeySlice, Run
 from .litemedsam_stop import SliceObservation, StopRule, observe
 
 log = logging.getLogger(__name__)
@@ -87,12 +87,14 @@ def carry_run(
     stop: int,
     rule: StopRule,
     carry_points: bool = False,
+    gate: Gate | None = None,
 ) -> Run:
     """The run from ``key`` (its ``logits`` set) towards ``direction`` (+1 up, -1 down), up to but
     not including slice ``stop``: yields ``(slice, (H, W) float32 logits)`` until the stop rule
     ends it. ``slices`` is the preprocessed ``(S, H, W)`` stack (for the rule's intensity
-    statistics); ``carry_points``: carried prompts hold :func:`carried_points` as well as the box.
-    An empty key mask carries nothing."""
+    statistics); ``carry_points``: carried prompts hold :func:`carried_points` as well as the box;
+    ``gate`` is asked before each slice is decoded (see :func:`.spans.resolve_span`). An empty
+    key mask carries nothing."""
     assert key.logits is not None, "decode the key slice first"
     k = key.index
     prev_mask = key.logits > 0
@@ -102,6 +104,8 @@ def carry_run(
         log.info("empty mask on key slice %d, nothing to carry", k)
         return
     for s in range(k + direction, stop, direction):
+        if gate is not None:
+            yield from gate.wait(s)
         box = carried_box(prev_mask, rule.box_margin_fraction, rule.box_margin_px)
         pos, neg = carried_points(prev_mask) if carry_points else ([], [])
         cur = decode(embedding(s), box, pos, neg)

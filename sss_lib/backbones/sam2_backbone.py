@@ -31,7 +31,7 @@ import numpy as np
 from ..errors import PromptError, WeightsError
 from ..prompts import SlicePrompt
 from .base import Backbone, EmbeddingLookup, PropagationStep, span_steps
-from .spans import Span
+from .spans import Gate, Span
 
 if TYPE_CHECKING:
     import torch
@@ -197,17 +197,19 @@ class Sam2Backbone(Backbone):
                     box, pos, neg = _merge_prompts(label, list(key.prompts), (num_slices, height, width))[key.index]
                     self.model.sss_add_prompt(state, key.index, label, box, pos, neg)
             self.model.sss_finish_prompts(state)
-            forward = self._run(state, label, span.lo, span.hi + 1, +1) if span.below is not None else None
-            backward = self._run(state, label, span.hi, span.lo - 1, -1) if span.above is not None else None
-            yield from span_steps(label, span, forward, backward)
+            yield from span_steps(label, span, lambda key, direction, stop, gate: self._run(
+                state, label, key.index + direction, stop, direction, gate))
         finally:
             # Drop the memory bank now, not when the generator object is collected.
             state.clear()
 
-    def _run(self, state: dict, label: int, start: int, stop: int, direction: int) -> Iterator[tuple[int, np.ndarray]]:
-        """Track ``label`` from ``start`` towards ``stop`` (exclusive) until it has ended."""
+    def _run(self, state: dict, label: int, start: int, stop: int, direction: int,
+             gate: Gate) -> Iterator[tuple[int, np.ndarray | None]]:
+        """Track ``label`` from ``start`` towards ``stop`` (exclusive) until it has ended, asking
+        ``gate`` before each slice."""
         empty_run = 0
         for s in range(start, stop, direction):
+            yield from gate.wait(s)
             logits, score = self.model.sss_track_slice(state, s, [label], direction < 0)[label]
             yield s, logits
             if self.stop_after_empty is None:

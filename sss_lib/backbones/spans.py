@@ -26,7 +26,7 @@ recompute only those.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -124,38 +124,70 @@ def effective_prompts(prompts: Sequence[SlicePrompt], label: int = 0) -> dict[in
 
 
 # A run: (slice, (H, W) float32 logits) pairs, from its key slice outwards, one slice at a time,
-# ending where the backbone decides the object has ended (or at the span's edge).
-Run = Iterator[tuple[int, np.ndarray]]
+# ending where the backbone decides the object has ended (or at the span's edge). Before it decodes
+# slice s a run asks its Gate; while the gate says no it yields (s, None) instead ("waiting at s").
+Run = Iterator[tuple[int, "np.ndarray | None"]]
 
 
-def resolve_span(span: Span, forward: Run | None, backward: Run | None) -> Iterator[tuple[int, np.ndarray]]:
+class Gate:
+    """Tells a run whether it may decode a slice yet (set by :func:`resolve_span`)."""
+
+    def __init__(self) -> None:
+        self.allow: Callable[[int], bool] = lambda s: True
+
+    def wait(self, s: int) -> Iterator[tuple[int, None]]:
+        """``yield from gate.wait(s)`` in a run before decoding slice ``s``."""
+        while not self.allow(s):
+            yield s, None
+
+
+def resolve_span(span: Span, forward: Run | None, backward: Run | None,
+                 gates: dict[int, Gate] | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """The span's result from its two runs, by the nearest-reaching rule (module docstring).
 
     ``forward`` starts at ``span.lo`` going up (None without a key below), ``backward`` at
-    ``span.hi`` going down. Runs are advanced lazily: a run is asked for a slice only while that
-    slice may still be its own, so nothing is decoded (or embedded) past where it could count.
-    Yields each slice of the span at most once.
+    ``span.hi`` going down; ``gates`` (direction +1/-1 -> :class:`Gate`) are the gates those runs
+    ask before decoding a slice. A run is let decode a slice only while that slice may still be
+    its own, so nothing is decoded (or embedded) that cannot count. Yields each slice of the span
+    at most once.
     """
-    runs = {+1: _Peekable(forward), -1: _Peekable(backward)}
+    gates = gates or {}
+    runs = {+1: forward, -1: backward}
     try:
-        yield from _resolve(span, runs)
+        yield from _resolve(span, runs, gates)
     finally:
         for run in runs.values():
-            run.close()
+            if run is not None and hasattr(run, "close"):
+                run.close()  # type: ignore[union-attr]
 
 
-def _resolve(span: Span, runs: dict[int, "_Peekable"]) -> Iterator[tuple[int, np.ndarray]]:
+def _resolve(span: Span, runs: dict[int, Run | None], gates: dict[int, Gate]) -> Iterator[tuple[int, np.ndarray]]:
     taken: dict[int, int] = {}  # direction -> the last slice it yielded (its reach so far)
+    held: dict[int, tuple[int, np.ndarray]] = {}  # an ungated run's item decoded before its turn
 
-    def advance(direction: int, while_ok) -> Iterator[tuple[int, np.ndarray]]:
+    def advance(direction: int, while_ok: Callable[[int], bool]) -> Iterator[tuple[int, np.ndarray]]:
         run = runs[direction]
+        if run is None:
+            return
+
+        def ok(s: int) -> bool:
+            return span.lo <= s <= span.hi and while_ok(s)
+
+        if direction in gates:
+            gates[direction].allow = ok
         while True:
-            item = run.peek()
-            if item is None or not span.lo <= item[0] <= span.hi or not while_ok(item[0]):
+            item = held.pop(direction, None) or next(run, None)
+            if item is None:
+                runs[direction] = None  # ended
                 return
-            run.pop()
-            taken[direction] = item[0]
-            yield item
+            s, logits = item
+            if logits is None:
+                return  # waiting at its gate
+            if not ok(s):
+                held[direction] = (s, logits)
+                return
+            taken[direction] = s
+            yield s, logits
 
     # 1. Each run over the slices nearer its own key slice.
     yield from advance(+1, lambda s: span.owner(s) > 0)
@@ -165,23 +197,3 @@ def _resolve(span: Span, runs: dict[int, "_Peekable"]) -> Iterator[tuple[int, np
     b_end = taken.get(-1, span.hi + 1)
     yield from advance(+1, lambda s: s < b_end)
     yield from advance(-1, lambda s: s > f_end)
-
-
-class _Peekable:
-    def __init__(self, run: Run | None) -> None:
-        self.run = run
-        self.head: tuple[int, np.ndarray] | None = None
-        self.done = run is None
-
-    def peek(self) -> tuple[int, np.ndarray] | None:
-        if self.head is None and not self.done:
-            self.head = next(self.run, None)  # type: ignore[arg-type]
-            self.done = self.head is None
-        return self.head
-
-    def pop(self) -> None:
-        self.head = None
-
-    def close(self) -> None:
-        if self.run is not None and hasattr(self.run, "close"):
-            self.run.close()  # type: ignore[union-attr]
