@@ -131,8 +131,9 @@ def test_train_server_uploads_queues_and_downloads_the_model(service, data, tmp_
 
     # The queued job starts once the first has ended, and is followed with the cursor.
     jid = second["job_id"]
-    answer = client.job_progress(jid, after=0, wait=30)
-    assert answer["lines"] and answer["lines"][0]["event"] == "start"
+    answer = wait_for(lambda: (a := client.job_progress(jid, after=0, wait=10))["lines"] and a,
+                      what="the second job's first line")  # long-polls: the trainer takes a while to start
+    assert answer["lines"][0]["event"] == "start"
     assert client.job(jid)["started"] >= done["ended"]
     seen = answer["lines"] + list(client.follow(jid, after=answer["next"]))
     final = client.job_progress(jid)
