@@ -576,7 +576,9 @@ class SSSSegmentLogic(ScriptedLoadableModuleLogic, SegmentLogic):
 
 
 class SSSSegmentTest(ScriptedLoadableModuleTest):
-    """The scenarios of tests/slicer (SSSSegmentLib/testing.py), run inside Slicer."""
+    """The scenarios of tests/slicer (SSSSegmentLib/testing.py), run inside Slicer: first what a user
+    does (the bundled lung sample segmented with LiteMedSAM through this panel's Segment button and
+    the SSS service, checked by its Dice), then the geometry and provenance scenarios."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -586,7 +588,8 @@ class SSSSegmentTest(ScriptedLoadableModuleTest):
             self.setUp()
             self.test_old_slicer_message()
             return
-        for test in (self.test_prompt_roundtrip, self.test_segment_geometry, self.test_user_edit_survives_rerun):
+        for test in (self.test_panel_segments_lung_sample, self.test_prompt_roundtrip, self.test_segment_geometry,
+                     self.test_user_edit_survives_rerun):
             self.setUp()
             test()
 
@@ -606,6 +609,17 @@ class SSSSegmentTest(ScriptedLoadableModuleTest):
         with self.assertRaises(NeedsNewerSlicerError):
             check_python(sys.version_info)
         self.delayDisplay("This Slicer is older than 5.10: the panel shows the upgrade message.")
+
+    def test_panel_segments_lung_sample(self):
+        from SSSSegmentLib import testing
+
+        self.delayDisplay("The lung sample through the panel: a box, Segment, LiteMedSAM in the SSS service")
+        widget = slicer.util.getModuleWidget("SSSSegment")
+        moduleDir = os.path.dirname(os.path.abspath(__file__))
+        result = testing.scenario_panel_segments_lung_sample(
+            slicer.mrmlScene, widget, moduleDir, pump=lambda: (slicer.app.processEvents(), time.sleep(0.02)))
+        self.delayDisplay("Lung sample passed: 3D Dice {dice:.3f} (at least {least}) in {seconds:.0f} s".format(
+            dice=result["dice"], least=testing.LUNG_DICE_MIN, seconds=result["seconds"]))
 
     def test_prompt_roundtrip(self):
         self.delayDisplay("Prompts -> markups -> prompts, exact in physical space")

@@ -718,7 +718,9 @@ class SSSTrainLogic(ScriptedLoadableModuleLogic):
 
 class SSSTrainTest(ScriptedLoadableModuleTest):
     """The scenarios of tests/slicer (SSSTrainLib/testing.py), run inside Slicer with real MRML and
-    real processes (a stand-in trainer that follows the run contract)."""
+    real processes: first what a user does (a short real training on tiny phantoms, its model handed
+    to SSS Segment, Auto-segment with it through the SSS service), then the run-control scenarios
+    (a stand-in trainer that follows the run contract)."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -734,7 +736,8 @@ class SSSTrainTest(ScriptedLoadableModuleTest):
         self.test_status_text()
         if sys.version_info < MINIMUM_PYTHON:
             return
-        for test in (self.test_export_scene_cases, self.test_class_values, self.test_start_stop_resume_use_model,
+        for test in (self.test_train_phantoms_then_auto_segment, self.test_export_scene_cases, self.test_class_values,
+                     self.test_start_stop_resume_use_model,
                      self.test_reattach, self.test_failure, self.test_copy_command):
             self.setUp()
             try:
@@ -775,11 +778,34 @@ class SSSTrainTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Class table passed")
 
     def _segmentParameters(self):
-        if _inSlicerApplication() and hasattr(slicer.modules, "sssegment"):
+        if _inSlicerApplication() and hasattr(slicer.modules, "ssssegment"):
             return slicer.util.getModuleLogic("SSSSegment").getParameterNode()
         import types
 
         return types.SimpleNamespace(model="auto", taskModelPath=None)  # SSS Segment not loaded
+
+    def _segmentLogic(self):
+        if _inSlicerApplication() and hasattr(slicer.modules, "ssssegment"):
+            return slicer.util.getModuleLogic("SSSSegment")
+        from SSSSegmentLib.logic import SegmentLogic
+
+        return SegmentLogic()  # what SSSSegmentLogic adds to it is Slicer's module plumbing
+
+    def test_train_phantoms_then_auto_segment(self):
+        from SSSSegmentLib import constants as SC
+        from SSSSegmentLib.service_link import ComputeSettings, slicer_link
+        from SSSTrainLib import testing
+
+        self.delayDisplay("A short training on tiny phantoms, then Auto-segment with its model in SSS Segment")
+        link = slicer_link(os.path.dirname(os.path.abspath(__file__)))
+        link.configure(ComputeSettings(), device="auto")  # the SSS service on this computer
+        result = testing.scenario_train_phantoms_then_auto_segment(
+            slicer.mrmlScene, SSSTrainLogic.train_logic(), self._runDir(), self._segmentLogic(),
+            self._segmentParameters(), SC.TASK_MODEL_CHOICE, link)
+        self.delayDisplay("Training and Auto-segment passed: trained in {train:.0f} s, segmented in {seg:.0f} s "
+                          "(classes segmented {done}, absent {absent})".format(
+                              train=result["train_seconds"], seg=result["segment_seconds"], done=result["segmented"],
+                              absent=result["absent"]))
 
     def test_start_stop_resume_use_model(self):
         from SSSSegmentLib import constants as SC

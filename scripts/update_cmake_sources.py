@@ -1,7 +1,8 @@
 """Keep the generated parts of the build files in step with the repository.
 
 * the file lists of ``sss_lib/CMakeLists.txt`` (``SSS_LIB_PYTHON_SCRIPTS``) and of each module's
-  ``CMakeLists.txt`` (``MODULE_PYTHON_SCRIPTS``, ``MODULE_PYTHON_RESOURCES``), from the files on disk;
+  ``CMakeLists.txt`` (``MODULE_PYTHON_SCRIPTS``, ``MODULE_PYTHON_RESOURCES``; SSSSegment's also
+  ``MODULE_TESTING_DATA``, the files of ``Testing/Data``), from the files on disk;
 * the catalog entries ``SSSExtension.json`` and ``SSSExtension.s4ext``, from the repository URL and
   branch set once in the top-level ``CMakeLists.txt`` (``SSS_REPOSITORY_URL``, ``SSS_REPOSITORY_BRANCH``).
 
@@ -20,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = ("SSSSegment", "SSSTrain")
 EXTENSION = "SSSExtension"
+TESTING_DATA_MODULE = "SSSSegment"  # its CMakeLists.txt installs Testing/Data (MODULE_TESTING_DATA)
 
 
 def _python_files(folder: Path) -> list[str]:
@@ -50,7 +52,15 @@ def module_cmake(module: str) -> tuple[Path, str]:
         for p in (folder / "Resources").rglob("*") if p.is_file()
     )
     text = _replace_list(path.read_text(), "MODULE_PYTHON_SCRIPTS", scripts)
-    return path, _replace_list(text, "MODULE_PYTHON_RESOURCES", resources)
+    text = _replace_list(text, "MODULE_PYTHON_RESOURCES", resources)
+    if module == TESTING_DATA_MODULE:
+        text = _replace_list(text, "MODULE_TESTING_DATA", testing_data_files())
+    return path, text
+
+
+def testing_data_files() -> list[str]:
+    """The files of ``Testing/Data`` (the self-tests' sample data, installed with the extension)."""
+    return sorted(p.name for p in (ROOT / "Testing" / "Data").iterdir() if p.is_file())
 
 
 def repository() -> tuple[str, str]:

@@ -1,16 +1,21 @@
 """Test scenarios shared by pytest (tests/slicer, on slicer-core's real MRML classes) and the
 module's self-test (SSSSegmentTest, inside Slicer). Each scenario raises AssertionError on failure.
 
-The scenarios use only MRML, vtk, numpy and sss_lib, never ``slicer.app`` or Qt, so they run in
-both places. Data: the repository's ``Testing/Data/lung1_crop_image.nrrd`` (a real CT crop) when it
-is there, else a synthetic phantom. Model: :func:`make_box_backbone`, a deterministic stand-in for a
-network (it fills each prompt's box on nearby slices), so geometry checks know the expected voxels;
-the end-to-end test with a real SAM-2.1 network lives in tests/slicer/test_end_to_end.py.
+The logic scenarios use only MRML, vtk, numpy and sss_lib, never ``slicer.app`` or Qt, so they run
+in both places. Data: the bundled ``lung1_crop_image.nrrd`` (a real CT crop; :func:`find_test_data`
+finds it in a source checkout and in an installed extension), else a synthetic phantom. Model:
+:func:`make_box_backbone`, a deterministic stand-in for a network (it fills each prompt's box on
+nearby slices), so geometry checks know the expected voxels.
+
+:func:`scenario_panel_segments_lung_sample` is what a user does, through the panel itself: the lung
+sample, the demo's box, a click on Segment, LiteMedSAM in the SSS service, the Dice against the
+sample's label. Inside Slicer the panel is the real one; in tests/slicer it is built on Qt stand-ins.
 """
 
 import math
 import os
-from typing import Any, Dict, List, Optional, Tuple
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -20,10 +25,51 @@ from . import geometry, markups, segmentation
 BOX_FILL_REACH = 2  # the stand-in model marks a box on its key slice and this many slices each side
 
 
+# Where the sample data is installed, relative to the module folder (qt-scripted-modules/):
+# SSSSegment/CMakeLists.txt copies the repository's Testing/Data there (MODULE_TESTING_DATA_DIR).
+INSTALLED_TEST_DATA = os.path.join("Resources", "SSSTestingData")
+LUNG_IMAGE = "lung1_crop_image.nrrd"
+LUNG_LABEL = "lung1_crop_label.nrrd"
+# The lung sample segmented with LiteMedSAM from the demo's box (sss_lib.demo: the tumour's box on
+# its largest slice plus 3 px) reaches a 3D Dice of 0.821 (`python -m sss_lib demo --device cpu`,
+# and the same through the panel and the service). 0.75 leaves room for GPU arithmetic (bf16
+# autocast on CUDA) while failing a wrong box, a wrong slice axis, a shifted or flipped result, an
+# empty result or one spilled over the lung (each of those falls below 0.6).
+LUNG_DICE_MIN = 0.75
+
+
+def test_data_candidates(module_dir: str) -> List[str]:
+    """Where the sample data may be: the installed extension's copy, then a source checkout's."""
+    return [
+        os.path.join(module_dir, INSTALLED_TEST_DATA),
+        os.path.normpath(os.path.join(module_dir, "..", "Testing", "Data")),
+    ]
+
+
+def find_test_data(module_dir: str) -> str:
+    """The folder holding the bundled sample data (``lung1_crop_*.nrrd``), for a module folder.
+
+    Raises:
+        FileNotFoundError: neither an installed extension's ``Resources/SSSTestingData`` nor a source
+            checkout's ``Testing/Data`` has the lung sample; the message says where it looked.
+    """
+    for folder in test_data_candidates(module_dir):
+        if os.path.isfile(os.path.join(folder, LUNG_IMAGE)) and os.path.isfile(os.path.join(folder, LUNG_LABEL)):
+            return folder
+    raise FileNotFoundError(
+        f"The SSS sample data ({LUNG_IMAGE}, {LUNG_LABEL}) is in none of: "
+        + ", ".join(test_data_candidates(module_dir))
+        + ". An installed extension carries it in Resources/SSSTestingData: reinstall the SSS extension. "
+        "From a source checkout, restore the repository's Testing/Data folder."
+    )
+
+
 def repository_test_data(module_dir: str) -> Optional[str]:
-    """``<repo>/Testing/Data`` next to the module folder, or None (installed extension)."""
-    path = os.path.normpath(os.path.join(module_dir, "..", "Testing", "Data"))
-    return path if os.path.isdir(path) else None
+    """The sample data folder (see :func:`find_test_data`), or None when there is none."""
+    try:
+        return find_test_data(module_dir)
+    except FileNotFoundError:
+        return None
 
 
 def load_volume_file(scene: Any, path: str, name: str) -> Any:
@@ -51,7 +97,7 @@ def phantom_volume(scene: Any, name: str = "SSS phantom") -> Any:
 
 def sample_volume(scene: Any, module_dir: str) -> Any:
     data = repository_test_data(module_dir)
-    path = os.path.join(data, "lung1_crop_image.nrrd") if data else None
+    path = os.path.join(data, LUNG_IMAGE) if data else None
     if path and os.path.isfile(path):
         return load_volume_file(scene, path, "lung1_crop")
     return phantom_volume(scene)
@@ -369,3 +415,93 @@ def scenario_user_edit_survives_rerun(scene: Any, logic: Any, volume_node: Any) 
 def _segment_ids(seg_node: Any) -> List[str]:
     seg = seg_node.GetSegmentation()
     return [seg.GetNthSegmentID(i) for i in range(seg.GetNumberOfSegments())]
+
+
+# -- the panel, as a user drives it ------------------------------------------------------------------
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """3D Dice of two masks of the same shape (1.0 when both are empty)."""
+    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+
+
+def wait_for_panel_run(widget: Any, pump: Callable[[], None], timeout: float) -> None:
+    """Let the panel's timer advance its run until it ends: ``pump`` is one turn of the event loop
+    (``slicer.app.processEvents`` in Slicer). Cancels the run and fails after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while widget._run is not None:
+        if time.monotonic() > deadline:
+            widget.onCancel()
+            raise AssertionError(f"the run did not end within {timeout:.0f} s; status: {widget.ui.statusLabel.text!r}")
+        pump()
+
+
+def scenario_panel_segments_lung_sample(
+    scene: Any, widget: Any, module_dir: str, pump: Callable[[], None], timeout: float = 900.0
+) -> Dict[str, float]:
+    """The bundled lung CT through SSS Segment's panel, as a user segments it: choose the volume and
+    LiteMedSAM, add a class, draw the demo's box on the tumour's largest slice, click Segment; the run
+    goes through the SSS service (started on this computer on the first click) while ``pump`` turns
+    the event loop. Checks the segment's name, model, transform and voxel grid, and that its 3D Dice
+    against the sample's label is at least :data:`LUNG_DICE_MIN`. Returns ``{"dice", "seconds"}``.
+    """
+    import slicer
+    from sss_lib.demo import box_prompt_from_label
+    from sss_lib.volume_io import read_label, read_volume
+
+    data = find_test_data(module_dir)
+    volume = load_volume_file(scene, os.path.join(data, LUNG_IMAGE), "lung1_crop")
+    reference = read_label(os.path.join(data, LUNG_LABEL), reference=read_volume(os.path.join(data, LUNG_IMAGE)))
+    truth = reference.voxels > 0
+    demo_prompts = box_prompt_from_label(reference)
+    (demo_box,) = demo_prompts.classes[0].prompts
+
+    widget.enter()  # what opening the module does
+    pn = widget._parameterNode
+    pn.inputVolume = volume
+    pn.model = "litemedsam"
+    ui = widget.ui
+    ui.newClassNameLineEdit.text = "tumour"
+    ui.addClassButton.click()
+    label = widget._selectedLabel()
+    assert label == 1, f"Add class selected label {label}; status: {ui.statusLabel.text!r}"
+    # "Add box" hands the class's ROI node to the place mode; the user's drag then sets its corners
+    # on the key slice and the click that ends placing fires PointPositionDefinedEvent.
+    box_node = widget.logic.begin_box(volume, label)
+    markups.write_box(box_node, geometry.ijk_to_world_ras(volume), demo_prompts.slice_axis, demo_box.key_slice,
+                      demo_box.box)
+    box_node.InvokeEvent(slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent)
+    assert widget.logic.class_nodes(volume, label).source == C.SOURCE_USER
+
+    assert ui.segmentButton.enabled, f"Segment is disabled; status: {ui.statusLabel.text!r}"
+    started = time.perf_counter()
+    ui.segmentButton.click()
+    assert widget._run is not None, f"Segment started nothing; status: {ui.statusLabel.text!r}"
+    assert not ui.segmentButton.enabled, "Segment must be disabled while the run goes on"
+    wait_for_panel_run(widget, pump, timeout)
+    seconds = time.perf_counter() - started
+
+    seg_node = pn.outputSegmentation
+    status = ui.statusLabel.text
+    assert seg_node is not None, f"no segmentation after the run; status: {status!r}"
+    assert status.startswith("Segmented 1 class(es)") and "litemedsam" in status, status
+    assert ui.segmentButton.enabled, "Segment must be enabled again after the run"
+    assert seg_node.GetAttribute(C.ATTR_MODEL) == "litemedsam", seg_node.GetAttribute(C.ATTR_MODEL)
+    assert seg_node.GetParentTransformNode() is volume.GetParentTransformNode()
+    sid = segmentation.segment_id(label)
+    segment = seg_node.GetSegmentation().GetSegment(sid)
+    assert segment is not None and segment.GetName() == "tumour", f"segment {sid} missing or misnamed"
+    to_world, values, extent = segment_world_geometry(seg_node, sid)
+    assert values.size and values.any(), "the tumour segment is empty"
+    assert np.allclose(to_world, geometry.ijk_to_world_ras(volume), atol=1e-6), (
+        f"the segment is not on the volume's voxel grid:\n{to_world}\n{geometry.ijk_to_world_ras(volume)}")
+    dims = volume.GetImageData().GetDimensions()
+    assert extent[0] >= 0 and extent[2] >= 0 and extent[4] >= 0 and extent[1] < dims[0] and extent[3] < dims[1] \
+        and extent[5] < dims[2], f"the segment's extent {extent} leaves the volume {dims}"
+    labels = segmentation.read_labels(scene, seg_node, volume)
+    assert labels.shape == truth.shape, (labels.shape, truth.shape)
+    score = dice(labels == label, truth)
+    assert score >= LUNG_DICE_MIN, f"3D Dice {score:.3f} against the sample's label is below {LUNG_DICE_MIN}"
+    return {"dice": score, "seconds": seconds}

@@ -1,9 +1,13 @@
 """Test scenarios shared by pytest (tests/slicer, on slicer-core's real MRML classes) and the
 module's self-test (SSSTrainTest, inside Slicer). Each scenario raises AssertionError on failure.
 
-MRML is real in both places. The training process is :mod:`SSSTrainLib.fake_trainer`, a stand-in
-for ``python -m sss_lib train`` that follows the run contract (JSON lines, run folder, stop file,
---resume), started exactly as the real one would be. Nothing here needs ``slicer.app`` or Qt.
+MRML is real in both places. :func:`scenario_train_phantoms_then_auto_segment` is what a user does:
+a short real training (``python -m sss_lib train`` on LiteMedSAM, whose weights ship with the
+extension's packages) on tiny cardiac phantoms put in the scene, then "Use this model" and
+Auto-segment in SSS Segment through the SSS service. The run-control scenarios use
+:mod:`SSSTrainLib.fake_trainer`, a stand-in for ``python -m sss_lib train`` that follows the run
+contract (JSON lines, run folder, stop file, --resume), started exactly as the real one would be.
+Nothing here needs ``slicer.app`` or Qt.
 """
 
 import json
@@ -306,3 +310,98 @@ def scenario_copy_command(scene: Any, logic: TrainLogic, run_dir: str) -> None:
                         ("--warmup-iterations", "3")):
         assert plain[plain.index(flag) + 1] == value, flag
     assert "--no-pcsw" in plain and "--no-dfe" not in plain and "--resume" not in plain
+
+
+# -- a real training, handed to SSS Segment ------------------------------------------------------------
+
+# Tiny cardiac phantoms (sss_lib.phantoms: RV, Myo, LV): 64 x 64 pixels, 5 slices. Three labeled
+# cases (one is held out for validation), a few optimiser steps: minutes on a CPU, seconds on a GPU.
+PHANTOM_SIZE = (64, 64)
+PHANTOM_SLICES = 5
+PHANTOM_CLASSES = ("RV", "Myo", "LV")
+SHORT_TRAINING_ITERATIONS = 3
+
+
+def add_phantom_case(scene: Any, seed: int, name: str, labeled: bool = True) -> Tuple[Any, Optional[Any]]:
+    """One :func:`sss_lib.phantoms.make_cardiac_phantom` case as a volume node (its LPS geometry as
+    RAS) and, when ``labeled``, a segmentation with one segment per class, as a user would have them."""
+    import slicer.util
+    from sss_lib.phantoms import CLASS_NAMES, make_cardiac_phantom
+
+    image, labels = make_cardiac_phantom(seed, n_slices=PHANTOM_SLICES, size=PHANTOM_SIZE)
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0])
+    node = slicer.util.addVolumeFromArray(image.voxels, ijkToRAS=lps_to_ras @ image.ijk_to_lps, name=name)
+    if not labeled:
+        return node, None
+    masks = [(CLASS_NAMES[value], labels.voxels == value) for value in sorted(CLASS_NAMES)]
+    return node, _add_segmentation(scene, node, f"{name} segmentation", masks)
+
+
+def phantom_settings(run_dir: str, backbone: str = "litemedsam", device: str = "auto",
+                     iterations: int = SHORT_TRAINING_ITERATIONS) -> TrainSettings:
+    """A short supervised run on the scene's labeled cases (what the panel's Start sends)."""
+    return TrainSettings(run_dir=run_dir, labeled_source=C.SOURCE_SCENE, unlabeled_source=C.SOURCE_NONE,
+                         backbone=backbone, device=device, iterations=iterations,
+                         warmup_iterations=max(0, iterations - 1), seed=3)
+
+
+def scenario_train_phantoms_then_auto_segment(
+    scene: Any, logic: TrainLogic, run_dir: str, segment_logic: Any, segment_parameters: Any,
+    task_model_choice: str, link: Any, device: str = "auto", timeout: float = 1800.0,
+) -> Dict[str, Any]:
+    """Train a task model on tiny phantoms in the scene through the panel's logic (the real trainer),
+    hand it to SSS Segment ("Use this model") and Auto-segment an unseen phantom with it through SSS
+    Segment's logic and the SSS service ``link``.
+
+    Checks: the run ends done with a task model naming the scene's classes; SSS Segment's parameters
+    point at it; the Auto-segment's segmentation has one segment per class (named and tagged as in
+    the training data) on the phantom's voxel grid, each holding exactly the run's labels; every
+    class was either segmented or found absent by PCSW. Returns what was measured.
+    """
+    from SSSSegmentLib import segmentation
+    from SSSSegmentLib import testing as segment_testing
+    from sss_lib.task_model import load_task_model
+
+    for n in range(3):
+        add_phantom_case(scene, seed=50 + n, name=f"Phantom {n + 1}")
+    labeled, _ = logic.scene_cases(scene)
+    assert [c.volume.GetName() for c in labeled if c.included] == ["Phantom 1", "Phantom 2", "Phantom 3"], (
+        [c.volume.GetName() for c in labeled])
+
+    settings = phantom_settings(run_dir, device=device)
+    started = time.monotonic()
+    monitor = logic.start(settings, scene)
+    assert monitor.owned and "--backbone" in monitor.state.command
+    messages = wait_for(monitor, lambda m: False, timeout=timeout)
+    end = messages[-1]
+    logs = [m.text for m in messages if m.kind == M.LOG]
+    assert end.kind == M.FINISHED and end.outcome == M.DONE and end.returncode == 0, (end.outcome, end.text, logs[-10:])
+    steps = [r.step for r in _events(messages, "step")]
+    assert steps and steps[-1] == settings.iterations, steps
+    train_seconds = time.monotonic() - started
+
+    path = logic.hand_over_model(run_dir, segment_parameters, task_model_choice)
+    assert path == os.path.join(run_dir, C.MODEL_FILE) and os.path.isfile(path)
+    assert str(segment_parameters.taskModelPath) == path and segment_parameters.model == task_model_choice
+    task = load_task_model(path)
+    assert task.backbone.name == settings.backbone, task.backbone.name
+    classes = {c.label: c.name for c in task.classes}
+    assert sorted(classes.values()) == sorted(PHANTOM_CLASSES), classes
+
+    unseen, _ = add_phantom_case(scene, seed=90, name="Unseen phantom", labeled=False)
+    started = time.monotonic()
+    seg_node, outcome = segment_logic.auto_segment_through(link, unseen, str(segment_parameters.taskModelPath))
+    segment_seconds = time.monotonic() - started
+    result = outcome.result
+    assert sorted(set(result.recomputed) | set(result.absent)) == sorted(classes), (result.recomputed, result.absent)
+    segments = seg_node.GetSegmentation()
+    for label, name in classes.items():
+        segment = segments.GetSegment(segmentation.segment_id(label))
+        assert segment is not None, f"no segment for class {label} ({name})"
+        assert segment.GetName() == name, (segment.GetName(), name)
+    assert segments.GetNumberOfSegments() == len(classes), segments.GetNumberOfSegments()
+    segment_testing.check_segmentation_matches(seg_node, unseen, np.asarray(outcome.labels), sorted(classes))
+    assert seg_node.GetAttribute("SSS.Model") == f"task model {C.MODEL_FILE} on {settings.backbone}", (
+        seg_node.GetAttribute("SSS.Model"))
+    return {"train_seconds": train_seconds, "segment_seconds": segment_seconds,
+            "segmented": list(result.recomputed), "absent": list(result.absent)}
