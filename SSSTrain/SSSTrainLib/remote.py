@@ -16,7 +16,6 @@ import dataclasses
 import json
 import logging
 import os
-import tarfile
 import time
 from typing import Any, Callable, Dict, List, Optional
 
@@ -106,26 +105,16 @@ def job_settings(settings: TrainSettings) -> Dict[str, Any]:
     }
 
 
-def pack_folder(folder: str, archive: str) -> str:
-    """``folder``'s files as a ``.tar.gz`` with the folder's content at the archive root; returns ``archive``."""
-    if not os.path.isdir(folder):
-        raise RunFolderError(f"The data folder {folder} does not exist; choose another.")
-    os.makedirs(os.path.dirname(archive), exist_ok=True)
-    tmp = f"{archive}.tmp-{os.getpid()}"
-    with tarfile.open(tmp, "w:gz") as tar:
-        for name in sorted(os.listdir(folder)):
-            tar.add(os.path.join(folder, name), arcname=name)
-    os.replace(tmp, archive)
-    return archive
-
-
 def submit(logic: Any, settings: TrainSettings, scene: Any, client: Any,
-           progress: Optional[Callable[[str, Optional[float]], None]] = None) -> "RemoteJobMonitor":
+           progress: Optional[Callable[[str, Optional[float]], None]] = None,
+           extra_settings: Optional[Dict[str, Any]] = None) -> "RemoteJobMonitor":
     """Export the data, upload it and submit the job; returns the monitor that follows it.
 
     Args:
         logic: the panel's :class:`SSSTrainLib.logic.TrainLogic` (its data export and folder checks).
         client: a ``sss_lib.service.client.ServiceClient`` of the server.
+        extra_settings: more ``train`` options by destination (e.g. ``{"image_size": 512}``; the
+            server refuses those it does not let clients set).
 
     Raises:
         TrainUserError: a setting, the scene data or the run folder is not usable.
@@ -142,16 +131,13 @@ def submit(logic: Any, settings: TrainSettings, scene: Any, client: Any,
     for role, folder in (("labeled", settings.labeled_path()), ("unlabeled", settings.unlabeled_path())):
         if not given(folder):
             continue
-        say(f"Packing the {role} data...", None)
-        archive = pack_folder(folder, os.path.join(panel_dir(run_dir), f"upload-{role}.tar.gz"))
-        say(f"Uploading the {role} data ({os.path.getsize(archive) / 1e6:.1f} MB) to {client.url}...", None)
-        try:
-            answer = client.upload_dataset(archive)
-        finally:
-            os.remove(archive)
-        uploads[role] = {"upload_id": answer["upload_id"]}
-    answer = client.submit_job(uploads["labeled"], unlabeled=uploads.get("unlabeled"),
-                               settings=job_settings(settings), name=os.path.basename(os.path.abspath(run_dir)))
+        if not os.path.isdir(folder):
+            raise RunFolderError(f"The {role} data folder {folder} does not exist; choose another.")
+        say(f"Uploading the {role} data to {client.url}...", None)
+        uploads[role] = {"upload_id": client.upload_dataset(folder)["upload_id"]}  # packed as an archive
+    job_options = dict(job_settings(settings), **(extra_settings or {}))
+    answer = client.submit_job(uploads["labeled"], unlabeled=uploads.get("unlabeled"), settings=job_options,
+                               name=os.path.basename(os.path.abspath(run_dir)))
     job = RemoteJob(run_dir=os.path.abspath(run_dir), url=client.url, job_id=str(answer["job_id"]), started=time.time())
     write_job(job)
     say(f"Submitted job {job.job_id} to {client.url}.", None)

@@ -172,6 +172,67 @@ def test_every_self_ui_name_exists(module: str) -> None:
     assert not missing, f"self.ui names missing from {module}.ui: {sorted(missing)}"
 
 
+def module_list(module: str, name: str) -> list[str]:
+    """A module-level list of strings (e.g. BUSY_WIDGETS) of ``module``'s file."""
+    tree = ast.parse((REPO / module / f"{module}.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            return list(ast.literal_eval(node.value))
+    raise AssertionError(f"{module}.py defines no {name}")
+
+
+# What each panel's busy state must cover (issue 12 item 2): nothing that starts work may run twice.
+MUST_BE_BUSY = {
+    "SSSSegment": {"segmentButton", "rerunButton", "autoSegmentButton", "inputVolumeSelector", "modelComboBox",
+                   "taskModelPathLineEdit", "deviceComboBox", "sliceAxisComboBox", "outputSegmentationSelector",
+                   "computeOnComboBox"},
+    "SSSTrain": {"startButton", "resumeButton", "copyCommandButton", "checkDataButton", "useModelButton",
+                 "runFolderPathLineEdit", "computeOnComboBox"},
+}
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_busy_widgets_exist_and_cover_every_starting_button(module: str) -> None:
+    busy = module_list(module, "BUSY_WIDGETS")
+    widgets = ui_widgets(load_ui(module))
+    missing = [name for name in busy if name not in widgets]
+    assert not missing, f"BUSY_WIDGETS of {module}.py names widgets missing from {module}.ui: {missing}"
+    assert MUST_BE_BUSY[module] <= set(busy), f"not disabled while busy: {sorted(MUST_BE_BUSY[module] - set(busy))}"
+    assert "cancelButton" not in busy and "stopButton" not in busy, "Cancel/Stop must stay usable while busy"
+
+
+SHARED_UI_CODE = [REPO / "SSSSegment" / "SSSSegmentLib" / "service_link.py", REPO / "SSSSegment" / "SSSSegmentLib" / "busy.py"]
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_shared_panel_code_finds_its_widgets(module: str) -> None:
+    """The "Compute on" rows (service_link.ComputeOnControls) exist in both panels, and are not bound
+    to the parameter node: the server address and token stay out of saved scenes."""
+    used = set()
+    for path in SHARED_UI_CODE:
+        used |= set(re.findall(r"self\.ui\.(\w+)", path.read_text()))
+    tree = ast.parse(SHARED_UI_CODE[0].read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "ROWS" for t in node.targets):
+            used |= set(ast.literal_eval(node.value))
+    assert {"computeOnComboBox", "serverUrlLineEdit", "serverTokenLineEdit"} <= used
+    widgets = ui_widgets(load_ui(module))
+    missing = used - set(widgets)
+    assert not missing, f"{module}.ui lacks {sorted(missing)} (used by {[p.name for p in SHARED_UI_CODE]})"
+    for name in ("computeOnComboBox", "serverUrlLineEdit", "serverTokenLineEdit"):
+        assert widget_property(widgets[name], "SlicerParameterName") is None, f"{name} must not be saved in the scene"
+    assert not {f for f in wrapper_fields(module) if "token" in f.lower() or "url" in f.lower()}
+    items = [i.find("property").findtext("string") for i in widgets["computeOnComboBox"].findall("item")]
+    import sys
+
+    sys.path.insert(0, str(REPO / "SSSSegment"))
+    from SSSSegmentLib.service_link import COMPUTE_CHOICES
+
+    assert items == COMPUTE_CHOICES
+    echo = widget_property(widgets["serverTokenLineEdit"], "echoMode")
+    assert echo is not None and echo.findtext("enum") == "QLineEdit::Password"
+
+
 @pytest.mark.parametrize("module", MODULES)
 def test_node_combo_boxes_are_wired(module: str) -> None:
     root = load_ui(module)
