@@ -55,6 +55,13 @@ class MemoryBudget:
     def session_store(self) -> SessionStore:
         return SessionStore(self.store)
 
+    def has_room_for_one(self) -> bool:
+        """Whether one more slice embedding (of the average size held) fits without evicting."""
+        store = self.store
+        count = store.slice_count
+        average = store.bytes_used / count if count else 0
+        return store.bytes_used + average <= self.budget_bytes
+
     def stats(self) -> dict[str, int]:
         """``{budget_bytes, used_bytes, slices, evicted}`` for ``/v1/info``."""
         return {"budget_bytes": self.budget_bytes, "used_bytes": int(self.store.bytes_used),

@@ -84,6 +84,7 @@ def build_router(state: ServiceState) -> APIRouter:
             "data_root": config.data_root is not None, "gpus": config.gpus,
             "memory": state.memory.stats(), "sessions": len(state.sessions.all()),
             "runs_active": len(state.runs.active()), "session_ttl_s": config.session_ttl_s,
+            "prefetch": config.prefetch,
         }
 
     # -- volumes and models --------------------------------------------------------------------------
@@ -119,6 +120,8 @@ def build_router(state: ServiceState) -> APIRouter:
         session = state.sessions.get(session_id)
         out = session.describe()
         out["last_run_id"] = session.labels_run_id
+        out["embedded_slices"] = len(session.store.cached_slices(session.engine.key))
+        out["prefetched"] = session.prefetched
         return out
 
     @router.delete("/sessions/{session_id}", status_code=204)

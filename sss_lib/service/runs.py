@@ -59,6 +59,7 @@ class Run:
         self.result_npz: bytes | None = None
         self.labels: np.ndarray | None = None
         self.meta: dict[str, Any] | None = None
+        self.extent: tuple[int, int] | None = None  # first and last key slice of the run's prompts
         self.created = time.time()
         self._lock = threading.RLock()  # re-entrant: cancel_all may run in a signal handler
 
@@ -133,7 +134,8 @@ class DeviceWorker:
 class RunManager:
     """Every run of every session, and the device workers that execute them."""
 
-    def __init__(self) -> None:
+    def __init__(self, after_run: Callable[[Run], None] | None = None) -> None:
+        self.after_run = after_run  # called on the worker after each completed run
         self._runs: dict[str, Run] = {}
         self._workers: dict[str, DeviceWorker] = {}
         self._lock = threading.RLock()  # re-entrant: cancel_all may run in a signal handler
@@ -240,6 +242,8 @@ class RunManager:
                 return
             run.add_event("done", 1, 1, f"done in {run.meta['seconds']:.1f} s" if run.meta else "done")
             run.set_state("done")
+            if self.after_run is not None:
+                self.after_run(run)
         finally:
             with self._lock:
                 session.active_runs -= 1
@@ -254,6 +258,7 @@ def segment_work(prompts: "PromptSet") -> Work:
 
     def work(run: Run) -> tuple[np.ndarray, dict[str, Any]]:
         session = run.session
+        run.extent = key_slice_extent(prompts)
         events = session.engine.run(prompts)
         result = None
         try:
@@ -293,6 +298,7 @@ def auto_segment_work(edited: "PromptSet | None", prompt_points: bool | None) ->
                 run.add_event(event.stage, event.done, event.total, event.message)
 
         result = auto.run(edited, progress=progress, should_cancel=run.cancel_requested.is_set)
+        run.extent = key_slice_extent(result.prompts)
         labels = np.ascontiguousarray(result.labels.voxels)
         stack = session.slice_axis.to_stack(labels)
         classes = sorted(set(result.prompts.by_label()) | set(result.absent))
@@ -309,6 +315,12 @@ def auto_segment_work(edited: "PromptSet | None", prompt_points: bool | None) ->
         return labels, meta
 
     return work
+
+
+def key_slice_extent(prompts: "PromptSet") -> tuple[int, int] | None:
+    """``(first, last)`` key slice of every prompt, or None without prompts."""
+    keys = [p.key_slice for c in prompts.classes for p in c.prompts]
+    return (min(keys), max(keys)) if keys else None
 
 
 def pcsw_json(res: Any) -> dict[str, Any]:

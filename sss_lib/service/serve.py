@@ -213,6 +213,8 @@ def add_serve_arguments(parser: Any) -> None:
                         help=f"close sessions idle this many minutes (default {DEFAULT_SESSION_TTL_MIN:g})")
     parser.add_argument("--gpus", type=int, default=None, metavar="N",
                         help="GPUs training jobs may use (default: every visible GPU)")
+    parser.add_argument("--no-prefetch", dest="prefetch", action="store_false",
+                        help="do not embed a session's other slices in the background after a run")
     parser.add_argument("--ssl-certfile", default=None, metavar="F", help="TLS certificate (with --ssl-keyfile)")
     parser.add_argument("--ssl-keyfile", default=None, metavar="F", help="TLS private key (with --ssl-certfile)")
 
@@ -229,5 +231,5 @@ def config_from_args(args: Any) -> ServiceConfig:
         models_dir=path(args.models), data_root=path(args.data_root), jobs_dir=path(args.jobs_dir),
         memory_budget_bytes=int(args.memory_budget * GB), max_upload_bytes=int(args.max_upload * MB),
         session_ttl_s=float(args.session_ttl) * 60.0, gpus=args.gpus,
-        ssl_certfile=path(args.ssl_certfile), ssl_keyfile=path(args.ssl_keyfile),
+        ssl_certfile=path(args.ssl_certfile), ssl_keyfile=path(args.ssl_keyfile), prefetch=args.prefetch,
     )

@@ -71,6 +71,9 @@ class Session:
     labels: np.ndarray | None = None  # label map of the last completed run, [k, j, i]
     labels_run_id: str | None = None
     active_runs: int = 0
+    closed: bool = False
+    prefetch_plan: int = 0  # bumped by each plan of embeddings ahead (prefetch.py); older plans stop
+    prefetched: int = 0  # slice embeddings computed ahead of need
     recent: "collections.deque[Run]" = dataclasses.field(default_factory=lambda: collections.deque())
 
     @property
@@ -171,6 +174,7 @@ class SessionManager:
             session = self._sessions.get(session_id)
             if session is not None and self._expired(session, time.monotonic()):
                 del self._sessions[session_id]
+                session.closed = True
                 log.info("session %s expired", session_id)
                 session = None
             if session is None:
@@ -184,6 +188,7 @@ class SessionManager:
         session = self.get(session_id)
         with self._lock:
             self._sessions.pop(session_id, None)
+        session.closed = True
         return session
 
     # -- housekeeping -------------------------------------------------------------------------------
@@ -197,6 +202,7 @@ class SessionManager:
             gone = [s for s in self._sessions.values() if self._expired(s, now)]
             for s in gone:
                 del self._sessions[s.session_id]
+                s.closed = True
         for s in gone:
             log.info("session %s expired after %.0f s idle", s.session_id, now - s.last_used)
         return gone

@@ -9,7 +9,7 @@ import threading
 from .config import ServiceConfig
 from .memory import MemoryBudget
 from .models import ModelRegistry, RuntimeCache
-from .runs import RunManager
+from .runs import Run, RunManager
 from .sessions import Session, SessionManager
 from .volumes import VolumeStore
 
@@ -26,7 +26,7 @@ class ServiceState:
         self.volumes = VolumeStore()
         self.models = ModelRegistry(config.models_dir)
         self.runtimes = RuntimeCache()
-        self.runs = RunManager()
+        self.runs = RunManager(after_run=self._after_run if config.prefetch else None)
         self.sessions = SessionManager(volumes=self.volumes, models=self.models, runtimes=self.runtimes,
                                        memory=self.memory, device=device, ttl_s=config.session_ttl_s)
         self._stop = threading.Event()
@@ -36,6 +36,12 @@ class ServiceState:
         """Start the housekeeping thread."""
         self._janitor = threading.Thread(target=self._housekeeping, name="sss-janitor", daemon=True)
         self._janitor.start()
+
+    def _after_run(self, run: Run) -> None:
+        """Embed the session's other slices ahead of the next run (prefetch.py)."""
+        from .prefetch import schedule
+
+        schedule(run.session, run.extent, self.runs, self.memory)
 
     def close_session(self, session: Session) -> None:
         self.runs.forget_session(session)
