@@ -8,7 +8,11 @@ A class (one sss_lib ``ClassPrompts``) lives in the scene as
   in ``.mrk.json``, so the polarity survives save/load), label ``+``/``-`` and, for colour, the
   "selected" flag (selected = positive: class colour; unselected = negative: darker);
 * zero or more ``vtkMRMLMarkupsROINode`` (the *box nodes*): one XYXY box on one key slice each,
-  oriented along the volume's voxel axes so an oblique volume's boxes stay tight.
+  oriented along the volume's voxel axes so an oblique volume's boxes stay tight;
+* at most one more ``vtkMRMLMarkupsFiducialNode`` (the *"not on this slice" node*, role
+  :data:`ROLE_ABSENT`, referenced by :data:`REF_ABSENT`): one control point per slice where the
+  class is absent (an sss_lib ``SlicePrompt.not_on_slice``), placed at the slice's centre; only the
+  slice it lies on counts.
 
 Stack coordinates follow sss_lib: slice ``s`` along ``axis``; ``x``/``y`` in pixels on the slice;
 boxes ``(x0, y0, x1, y1)`` with corners on voxel centres. Markups are read in world coordinates
@@ -30,13 +34,21 @@ from .geometry import apply, matrix_from_vtk, parent_to_world, vtk_from_matrix
 
 Color = Tuple[int, int, int]
 
+# The "not on this slice" markers (new in prompts format 2). Kept here rather than in constants.py
+# so that this file alone owns them; like every name stored in MRML, never rename them.
+ROLE_ABSENT = "absent"
+REF_ABSENT = "sssAbsent"  # points node -> the class's "not on this slice" node
+ABSENT_POINT_LABEL = "not here"
+
 
 @dataclasses.dataclass
 class ClassNodes:
-    """The markups of one class. ``boxes`` may be empty or hold undefined (not yet placed) ROIs."""
+    """The markups of one class. ``boxes`` may be empty or hold undefined (not yet placed) ROIs;
+    ``absent`` is the "not on this slice" node, None until the class has had a marker."""
 
     points: Any
     boxes: List[Any]
+    absent: Any = None
 
     @property
     def label(self) -> int:
@@ -55,7 +67,7 @@ class ClassNodes:
         return self.points.GetAttribute(C.ATTR_SOURCE) or C.SOURCE_USER
 
     def all_nodes(self) -> List[Any]:
-        return [self.points] + list(self.boxes)
+        return [self.points] + list(self.boxes) + ([self.absent] if self.absent is not None else [])
 
     def set_source(self, source: str) -> None:
         for node in self.all_nodes():
@@ -92,7 +104,7 @@ def find_classes(scene: Any, volume_node: Any) -> List[ClassNodes]:
         if node.GetNodeReference(C.REF_VOLUME) is not volume_node:
             continue
         boxes = [node.GetNthNodeReference(C.REF_BOX, i) for i in range(node.GetNumberOfNodeReferences(C.REF_BOX))]
-        found.append(ClassNodes(node, [b for b in boxes if b is not None]))
+        found.append(ClassNodes(node, [b for b in boxes if b is not None], node.GetNodeReference(REF_ABSENT)))
     return sorted(found, key=lambda c: c.label)
 
 
@@ -179,6 +191,8 @@ def describe_class(nodes: ClassNodes, name: str, color: Color) -> None:
     nodes.points.SetName(f"SSS {name} points")
     for n, box in enumerate(nodes.boxes):
         box.SetName(f"SSS {name} box" + (f" {n + 1}" if n else ""))
+    if nodes.absent is not None:
+        nodes.absent.SetName(f"SSS {name} not on slice")
     rgb = _unit(color)
     dark = tuple(v * C.NEGATIVE_COLOR_SCALE for v in rgb)
     display = nodes.points.GetDisplayNode()
@@ -192,6 +206,13 @@ def describe_class(nodes: ClassNodes, name: str, color: Color) -> None:
             d.SetSelectedColor(*rgb)
             d.SetColor(*rgb)
             d.SetFillOpacity(0.1)
+    if nodes.absent is not None and nodes.absent.GetDisplayNode() is not None:
+        d = nodes.absent.GetDisplayNode()
+        d.SetSelectedColor(*dark)  # drawn like a negative point: "the class, but not here"
+        d.SetColor(*dark)
+        d.SetActiveColor(*rgb)
+        if hasattr(d, "SetGlyphTypeFromString"):
+            d.SetGlyphTypeFromString("Cross2D")
 
 
 def set_class_visibility(nodes: ClassNodes, visible: bool) -> None:
@@ -301,7 +322,11 @@ def write_class_prompts(
         write_box(box, ijk_to_world, axis, prompt.key_slice, prompt.box)
     node_from_ijk = _node_from_ijk(points, ijk_to_world)
     confidence: Dict[str, float] = {}
+    absent_slices = []
     for prompt in class_prompts.prompts:
+        if getattr(prompt, "absent", False):
+            absent_slices.append(prompt.key_slice)
+            continue
         confidence[str(prompt.key_slice)] = float(prompt.confidence)
         for polarity, xys in ((True, prompt.positive_points), (False, prompt.negative_points)):
             for x, y in xys:
@@ -309,6 +334,10 @@ def write_class_prompts(
                 index = points.AddControlPoint(*[float(v) for v in apply(node_from_ijk, ijk)])
                 set_point_polarity(points, index, polarity)
     points.SetAttribute(C.ATTR_CONFIDENCE, json.dumps(confidence, sort_keys=True))
+    if nodes.absent is not None:
+        nodes.absent.RemoveAllControlPoints()
+    for s in sorted(set(absent_slices)):
+        _add_absent_point(scene, nodes, volume_node, ijk_to_world, axis, s)
     describe_class(nodes, class_prompts.name, tuple(int(v) for v in class_prompts.color))
     nodes.set_source(source)
 
@@ -318,6 +347,108 @@ def clear_class_prompts(scene: Any, nodes: ClassNodes) -> None:
     nodes.points.RemoveAttribute(C.ATTR_CONFIDENCE)
     for box in list(nodes.boxes):
         remove_box_node(scene, nodes, box)
+    if nodes.absent is not None:
+        nodes.absent.RemoveAllControlPoints()
+
+
+# -- "not on this slice" ---------------------------------------------------------------------------
+
+
+def slice_index_at(volume_node: Any, axis: Any, world_ras: Sequence[float]) -> int:
+    """The slice (along ``axis``) of ``volume_node`` that world point ``world_ras`` lies on, e.g.
+    the centre of the slice view showing it: ``sliceNode.GetSliceToRAS()`` column 3."""
+    from .geometry import ijk_to_world_ras
+
+    return _slice_of(np.linalg.inv(ijk_to_world_ras(volume_node)), axis, world_ras)
+
+
+def _slice_of(world_to_ijk: np.ndarray, axis: Any, world: Sequence[float]) -> int:
+    """The slice index (rounded) along ``axis`` of a world point."""
+    return int(round(float(axis.ijk_to_stack(apply(world_to_ijk, np.asarray(world, dtype=float)))[0])))
+
+
+def mark_not_on_slice(scene: Any, nodes: ClassNodes, volume_node: Any, axis: Any, slice_index: int) -> Any:
+    """Mark ``nodes``' class absent from slice ``slice_index`` along ``axis``; returns its node.
+
+    Adds a control point at the slice's centre to the class's "not on this slice" node (made on
+    first use) and marks the class ``"user"``. Does nothing more if the slice is already marked.
+
+    Raises:
+        ValueError: the slice is outside the volume, or the class has a box or points on it (a
+            class cannot be both prompted and absent on one slice: delete those first).
+    """
+    from .geometry import ijk_to_world_ras
+
+    ijk_to_world = ijk_to_world_ras(volume_node)
+    world_to_ijk = np.linalg.inv(ijk_to_world)
+    n_slices = volume_node.GetImageData().GetDimensions()[axis.axis]
+    slice_index = int(slice_index)
+    if not 0 <= slice_index < n_slices:
+        raise ValueError(f"slice {slice_index} is outside the volume (0..{n_slices - 1})")
+    snap = snapshot_class(nodes)
+    on_slice = [int(round(box_to_stack(m, size, world_to_ijk, axis)[0])) for m, size in snap.boxes]
+    on_slice += [_slice_of(world_to_ijk, axis, w) for w, _ in snap.points]
+    if slice_index in on_slice:
+        raise ValueError(
+            f"class '{nodes.name}' has a box or points on slice {slice_index}; delete them before marking "
+            "the class 'not on this slice' there"
+        )
+    if slice_index not in not_on_slice_slices(nodes, world_to_ijk, axis):
+        _add_absent_point(scene, nodes, volume_node, ijk_to_world, axis, slice_index)
+    describe_class(nodes, nodes.name, nodes.color)
+    nodes.set_source(C.SOURCE_USER)
+    return nodes.absent
+
+
+def unmark_not_on_slice(nodes: ClassNodes, volume_node: Any, axis: Any, slice_index: int) -> bool:
+    """Remove the class's "not on this slice" marker(s) on ``slice_index``; True if one was there."""
+    from .geometry import ijk_to_world_ras
+
+    if nodes.absent is None:
+        return False
+    world_to_ijk = np.linalg.inv(ijk_to_world_ras(volume_node))
+    removed = False
+    for i in reversed(range(nodes.absent.GetNumberOfControlPoints())):
+        if _slice_of(world_to_ijk, axis, nodes.absent.GetNthControlPointPositionWorld(i)) == int(slice_index):
+            nodes.absent.RemoveNthControlPoint(i)
+            removed = True
+    if removed:
+        nodes.set_source(C.SOURCE_USER)
+    return removed
+
+
+def not_on_slice_slices(nodes: ClassNodes, world_to_ijk: np.ndarray, axis: Any) -> List[int]:
+    """The slices (sorted, unique) where the class is marked "not on this slice"."""
+    return sorted({_slice_of(world_to_ijk, axis, w) for w in _absent_world(nodes)})
+
+
+def _absent_world(nodes: ClassNodes) -> List[np.ndarray]:
+    if nodes.absent is None:
+        return []
+    node = nodes.absent
+    return [np.array(node.GetNthControlPointPositionWorld(i), dtype=float) for i in range(node.GetNumberOfControlPoints())]
+
+
+def _add_absent_point(scene: Any, nodes: ClassNodes, volume_node: Any, ijk_to_world: np.ndarray, axis: Any,
+                      slice_index: int) -> None:
+    """One "not on this slice" control point at the centre of slice ``slice_index``."""
+    if nodes.absent is None:
+        node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+        node.CreateDefaultDisplayNodes()
+        node.SetAttribute(C.ATTR_ROLE, ROLE_ABSENT)
+        node.SetAttribute(C.ATTR_LABEL, nodes.points.GetAttribute(C.ATTR_LABEL))
+        node.SetAttribute(C.ATTR_SOURCE, nodes.source)
+        node.SetNodeReferenceID(C.REF_VOLUME, volume_node.GetID())
+        _follow_volume_transform(node, volume_node)
+        nodes.points.SetNodeReferenceID(REF_ABSENT, node.GetID())
+        nodes.absent = node
+        describe_class(nodes, nodes.name, nodes.color)
+    dims = volume_node.GetImageData().GetDimensions()
+    ax, ay = axis.in_plane_axes
+    ijk = axis.stack_to_ijk(np.array([slice_index, (dims[ax] - 1) / 2.0, (dims[ay] - 1) / 2.0], dtype=float))
+    index = nodes.absent.AddControlPoint(*[float(v) for v in apply(_node_from_ijk(nodes.absent, ijk_to_world), ijk)])
+    nodes.absent.SetNthControlPointLabel(index, ABSENT_POINT_LABEL)
+    nodes.absent.SetNthControlPointLocked(index, True)  # only its slice matters; dragging it in-plane means nothing
 
 
 # -- markups -> prompts --------------------------------------------------------------------------
@@ -328,7 +459,8 @@ class ClassSnapshot:
     """A class's markups as plain data (world RAS), safe to hand to a worker thread.
 
     ``boxes``: ``(object-to-world 4x4, full size (3,))`` per placed ROI; ``points``: ``(world xyz,
-    positive)`` per placed point; ``confidence``: key slice (text) -> PCSW confidence.
+    positive)`` per placed point; ``confidence``: key slice (text) -> PCSW confidence; ``absent``:
+    world xyz of each "not on this slice" marker.
     """
 
     label: int
@@ -338,6 +470,7 @@ class ClassSnapshot:
     boxes: List[Tuple[np.ndarray, np.ndarray]]
     points: List[Tuple[np.ndarray, bool]]
     confidence: Dict[str, float]
+    absent: List[np.ndarray] = dataclasses.field(default_factory=list)
 
 
 def snapshot_class(nodes: ClassNodes) -> ClassSnapshot:
@@ -354,7 +487,8 @@ def snapshot_class(nodes: ClassNodes) -> ClassSnapshot:
             continue
         points.append((np.array(p.GetNthControlPointPositionWorld(i), dtype=float), point_is_positive(p, i)))
     source = nodes.source if nodes.source in (C.SOURCE_AUTO, C.SOURCE_USER) else C.SOURCE_USER
-    return ClassSnapshot(nodes.label, nodes.name, nodes.color, source, boxes, points, _read_confidence(nodes.points))
+    return ClassSnapshot(nodes.label, nodes.name, nodes.color, source, boxes, points, _read_confidence(nodes.points),
+                         _absent_world(nodes))
 
 
 def box_to_stack(
@@ -378,13 +512,15 @@ def read_box(box: Any, world_to_ijk: np.ndarray, axis: Any) -> Tuple[float, Tupl
 
 
 def class_prompts_from_snapshot(snap: ClassSnapshot, world_to_ijk: np.ndarray, axis: Any) -> Optional[Any]:
-    """The class as an sss_lib ``ClassPrompts`` along ``axis``, or None if it has no box and no point.
+    """The class as an sss_lib ``ClassPrompts`` along ``axis``, or None if it has no box, no point
+    and no "not on this slice" marker.
 
     Points are grouped by the slice they lie on (rounded); each box starts a group on its key slice.
-    Every group becomes one ``SlicePrompt``.
+    Every group becomes one ``SlicePrompt``; each marked slice one ``SlicePrompt.not_on_slice``.
 
     Raises:
-        sss_lib.errors.PromptError: two boxes on one slice, or a slice with only negative points.
+        sss_lib.errors.PromptError: two boxes on one slice, a slice with only negative points, or a
+            slice with both a prompt and a "not on this slice" marker.
     """
     from sss_lib.errors import PromptError
     from sss_lib.prompts import ClassPrompts, SlicePrompt
@@ -403,9 +539,10 @@ def class_prompts_from_snapshot(snap: ClassSnapshot, world_to_ijk: np.ndarray, a
     for world, positive in snap.points:
         sxy = axis.ijk_to_stack(apply(world_to_ijk, world))
         group(sxy[0])["pos" if positive else "neg"].append((float(sxy[1]), float(sxy[2])))
-    if not groups:
+    absent = sorted({_slice_of(world_to_ijk, axis, w) for w in snap.absent})
+    if not groups and not absent:
         return None
-    prompts = []
+    prompts = [SlicePrompt.not_on_slice(s, source=snap.source) for s in absent]
     for s in sorted(groups):
         g = groups[s]
         if g["box"] is None and not g["pos"]:

@@ -171,3 +171,61 @@ def test_a_box_only_class_round_trips_without_points(scene, logic, volume):
     for p in back.prompts:
         assert not p.positive_points and not p.negative_points
         np.testing.assert_allclose(p.box, boxes[0].box, atol=1e-3)
+
+
+def test_not_on_this_slice_markers_are_their_own_markup_and_round_trip(scene, volume):
+    """The widget's "Not on this slice" button: a marker per slice in the class's own markup node,
+    read into prompts, written back from them, refused where the class is prompted."""
+    from sss_lib.prompts import ClassPrompts, SlicePrompt
+    from sss_lib.volume import SliceAxis
+
+    from SSSSegmentLib import constants as C
+    from SSSSegmentLib import geometry, markups
+
+    axis = SliceAxis(2)
+    to_world = geometry.ijk_to_world_ras(volume)
+    to_ijk = np.linalg.inv(to_world)
+    nodes = markups.create_class(scene, volume, 1, "tumour", (230, 80, 60), source=C.SOURCE_AUTO)
+    written = ClassPrompts(1, "tumour", [SlicePrompt(20, box=(10, 10, 30, 30), source="auto", confidence=0.8),
+                                         SlicePrompt.not_on_slice(25, source="auto"),
+                                         SlicePrompt.not_on_slice(12, source="auto")])
+    markups.write_class_prompts(scene, nodes, volume, written, to_world, axis, C.SOURCE_AUTO)
+    assert nodes.absent is not None and nodes.absent.GetNumberOfControlPoints() == 2
+    assert nodes.absent.GetName() == "SSS tumour not on slice"
+    assert nodes.absent.GetParentTransformNode() is volume.GetParentTransformNode()
+    back = markups.read_class_prompts(nodes, to_ijk, axis)
+    assert back.absent_slices() == [12, 25] and list(back.key_slices()) == [20]
+    assert back.fingerprint() == written.fingerprint()
+
+    # Found again from the scene through the node reference.
+    (found,) = markups.find_classes(scene, volume)
+    assert found.absent is nodes.absent
+
+    # The widget: the current slice from the slice view's centre, then mark it.
+    view_centre = geometry.apply(to_world, np.array([70.0, 90.0, 30.0]))
+    current = markups.slice_index_at(volume, axis, view_centre)
+    assert current == 30
+    markups.mark_not_on_slice(scene, found, volume, axis, current)
+    markups.mark_not_on_slice(scene, found, volume, axis, current)  # twice: one marker
+    assert found.source == C.SOURCE_USER
+    assert markups.not_on_slice_slices(found, to_ijk, axis) == [12, 25, 30]
+    assert markups.read_class_prompts(found, to_ijk, axis).absent_slices() == [12, 25, 30]
+    with pytest.raises(ValueError, match="box or points on slice 20"):
+        markups.mark_not_on_slice(scene, found, volume, axis, 20)
+    with pytest.raises(ValueError, match="outside"):
+        markups.mark_not_on_slice(scene, found, volume, axis, 999)
+    assert markups.unmark_not_on_slice(found, volume, axis, 25)
+    assert not markups.unmark_not_on_slice(found, volume, axis, 25)
+    assert markups.not_on_slice_slices(found, to_ijk, axis) == [12, 30]
+
+    # A class with only markers reads as such (empty everywhere), not as "no prompts".
+    other = markups.create_class(scene, volume, 2, "gone")
+    markups.mark_not_on_slice(scene, other, volume, axis, 5)
+    only = markups.read_class_prompts(other, to_ijk, axis)
+    assert only is not None and only.absent_slices() == [5] and only.key_slices() == {}
+
+    absent_node = found.absent
+    markups.clear_class_prompts(scene, found)
+    assert markups.read_class_prompts(found, to_ijk, axis) is None
+    markups.remove_class(scene, found)
+    assert scene.GetNodeByID(absent_node.GetID()) is None
