@@ -125,7 +125,12 @@ def test_segment_self_test_runs_the_scenarios(app):
     """SSSSegmentTest.runTest, as slicer.selfTests['SSSSegment'] would call it."""
     mod = _load("SSSSegment")
     test = mod.SSSSegmentTest()
+    ran = []
+    # The user's path (lung sample, panel, service) runs for real in test_self_tests.py; here: that
+    # runTest runs it, and the logic scenarios.
+    test.test_panel_segments_lung_sample = lambda: ran.append("panel")
     test.runTest()
+    assert ran == ["panel"]
     logic = mod.SSSSegmentLogic()
     assert logic.getParameterNode().node.GetSingletonTag() == "SSSSegment"
 
@@ -138,4 +143,9 @@ def test_train_module_loads_and_self_tests(app):
     parent = types.SimpleNamespace()
     mod.SSSTrain(parent)
     assert parent.title and parent.categories and parent.contributors and parent.acknowledgementText
-    mod.SSSTrainTest().runTest()
+    test = mod.SSSTrainTest()
+    ran = []
+    # The real training and Auto-segment run in test_self_tests.py; here: that runTest runs them.
+    test.test_train_phantoms_then_auto_segment = lambda: ran.append("train")
+    test.runTest()
+    assert ran == ["train"]
