@@ -308,7 +308,7 @@ class SegmentationSession:
         the span rule leaves empty (absent slices, key-less spans)."""
         n_slices = self.stack_shape[0]
         new_logits = {lbl: np.full(self.stack_shape, ABSENT_LOGIT, dtype=np.float16) for lbl in work}
-        objects = {lbl: [p for ps in w.plan.keys.values() for p in ps] for lbl, w in work.items()}
+        objects = {lbl: [p for key in w.plan.keys.values() for p in key.prompts] for lbl, w in work.items()}
         objects = {lbl: ps for lbl, ps in objects.items() if ps}
         if objects:
             steps = self.backbone.propagate(self.slices, self.embedding, objects)
