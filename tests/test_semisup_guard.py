@@ -139,3 +139,37 @@ def test_command_line_switch(tmp_path: Path):
     assert on.class_guard and on.guard_margin == 0.05
     off = config_from_args(parser.parse_args(base + ["--no-class-guard", "--guard-margin", "0.1"]))
     assert not off.class_guard and off.guard_margin == 0.1
+
+
+def test_a_dropped_class_resets_the_teacher_to_the_best_validated_weights(tmp_path: Path):
+    import types
+
+    from torch import nn
+
+    from sss_lib.runs.checkpoint import checkpoint_payload, save_checkpoint
+    from sss_lib.runs.layout import RunPaths
+    from sss_lib.semisup import EmaTeacher
+    from sss_lib.trainer.config import TrainConfig
+    from sss_lib.trainer.distributed import DistContext
+    from sss_lib.trainer.semisup_config import SemiSupConfig
+    from sss_lib.trainer.semisup_loop import _Run
+
+    torch.manual_seed(0)
+    student = nn.ModuleDict({"coarse_head": nn.Conv2d(2, 3, 1)})
+    best = {k: v.clone() for k, v in student.state_dict().items()}
+    paths = RunPaths.of(tmp_path / "run")
+    paths.create()
+    save_checkpoint(paths.best_checkpoint, checkpoint_payload(model=best, step=5, epoch=0, config={}))
+    with torch.no_grad():
+        student["coarse_head"].weight.add_(1.0)  # the run went on and the teacher followed it
+    stepper = types.SimpleNamespace(guard=ClassGuard([1, 2], warmup=5), teacher=EmaTeacher(student, 0.9),
+                                    device=torch.device("cpu"))
+    cfg = SemiSupConfig(train=TrainConfig(tmp_path, tmp_path / "m.ssstask"), run_dir=paths.root)
+    run = _Run(cfg, paths, DistContext(), reporter=None, stop=None, say=print)  # type: ignore[arg-type]
+    run.best_step = 5
+    assert run._guard(stepper, 5, {1: 0.8, 2: 0.6}, {2: "Myo"}) == ""  # the warm-up's baselines
+    assert run._guard(stepper, 10, {1: 0.79, 2: 0.58}, {2: "Myo"}) == ""  # within the margin
+    assert not torch.equal(stepper.teacher.module["coarse_head"].weight, best["coarse_head.weight"])
+    text = run._guard(stepper, 15, {1: 0.8, 2: 0.2}, {2: "Myo"})
+    assert "Myo 0.200 < warm-up 0.600" in text and "teacher reset to step 5" in text
+    assert torch.equal(stepper.teacher.module["coarse_head"].weight, best["coarse_head.weight"])
