@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds a long-poll of a run's events asks the server to wait for news (below protocol.MAX_WAIT_S).
 EVENTS_WAIT_S = 10.0
+# An event index past any run's last: a long-poll with it answers only when the run ends.
+_END_ONLY = 1 << 40
 # Connection failures that mean "the peer went away" (refused, reset, closed mid-answer).
 _GONE = (ConnectionError, http.client.HTTPException, socket.gaierror, ssl.SSLEOFError, ssl.SSLZeroReturnError)
 
@@ -523,8 +525,10 @@ class RunHandle:
     def ended(self) -> bool:
         return self.state in RUN_END_STATES
 
-    def _fetch(self, wait: float) -> RunStatus:
-        params = {"after": self._next, "wait": wait if wait > 0 else None}
+    def _fetch(self, wait: float, *, end_only: bool = False) -> RunStatus:
+        # ``end_only``: ask for events past any there can be, so a long-poll answers at the end state
+        # alone (one request per run instead of one per event; the events are skipped).
+        params = {"after": _END_ONLY if end_only else self._next, "wait": wait if wait > 0 else None}
         answer = self.client._get_json(f"/runs/{self.run_id}", params, timeout=self.client.timeout + wait)
         events = [RunEvent.from_json(e) for e in answer.get("events", [])]
         self._next = int(answer.get("next", self._next + len(events)))
@@ -537,9 +541,24 @@ class RunHandle:
         return self._fetch(0.0)
 
     def events(self, poll: float = 0.2, wait: float = EVENTS_WAIT_S) -> Iterator[RunEvent]:
-        """Yield the run's events until it reaches an end state (the generator then stops; see
-        :meth:`result` for the outcome). Each request long-polls up to ``wait`` seconds; ``poll``
-        is the pause after an answer without news."""
+        """Yield the run's events (those not seen by :meth:`poll` yet) until it reaches an end state;
+        the generator then stops (see :meth:`result` for the outcome).
+
+        The events come on one streamed answer (``/stream``); if the stream ends without the run's
+        state, the run is long-polled (``wait`` seconds per request, ``poll`` s between answers
+        without news), which raises :class:`ServiceUnavailable` if the service is gone.
+        """
+        if not self.ended:
+            seen = 0
+            for line in self.client._stream_lines(f"/runs/{self.run_id}/stream"):
+                if "stage" not in line and "state" in line:
+                    self.state = str(line["state"])
+                    self.error = line.get("error") or None
+                    break
+                seen += 1
+                if seen > self._next:
+                    self._next = seen
+                    yield RunEvent.from_json(line)
         while not self.ended:
             status = self._fetch(wait)
             for event in status.events:
@@ -548,13 +567,14 @@ class RunHandle:
                 time.sleep(poll)
 
     def wait(self, timeout: Optional[float] = None) -> str:
-        """Block until the run ends (or ``timeout`` seconds pass); return its state."""
+        """Block until the run ends (or ``timeout`` seconds pass); return its state. Events not
+        read yet are skipped."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.ended:
             left = EVENTS_WAIT_S if deadline is None else min(EVENTS_WAIT_S, deadline - time.monotonic())
             if left <= 0:
                 break
-            self._fetch(left)
+            self._fetch(left, end_only=True)
         return self.state
 
     def cancel(self) -> None:
