@@ -1,7 +1,7 @@
 """The torch-free client of the SSS service (see docs/service_api.md, section "Client").
 
 Standard library (``http.client``) and numpy only, Python 3.9 compatible: it runs inside Slicer
-and in the CLI's ``--server`` path without torch, fastapi or uvicorn.
+without torch, fastapi or uvicorn; the CLI's ``--server`` path (:mod:`sss_lib.remote_run`) uses it.
 
 ::
 
