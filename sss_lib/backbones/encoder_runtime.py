@@ -18,6 +18,7 @@ The export is made once and cached in the SSS cache folder, beside the weights::
         model.onnx                         the exported encoder, only ever created by an atomic rename
         model.json                         its SHA-256, size, input shape, torch version, when
         check-<runtime>-<version>.json     the one-time comparison with torch on a fixed input
+        openvino-cache/                    OpenVINO's compiled blobs (its own cache, its own keys)
 
 A cached export whose SHA-256 differs from ``model.json`` (a damaged file) is exported again.
 Each runtime (and runtime version) compares its output with the torch module's on a fixed input
@@ -385,9 +386,11 @@ def _openvino(precision: str) -> Callable[[], tuple[str, Callable[[Path], Callab
 
         def load(path: Path) -> Callable[[np.ndarray], list[np.ndarray]]:
             # The precision is explicit: on CPUs with AMX OpenVINO would otherwise default to bf16.
+            # CACHE_DIR keeps the compiled model: compiling SAM-2's encoder takes CPU-minutes, loading
+            # the blob a fraction of a second (OpenVINO keys it by model, settings and version).
             compiled = core.compile_model(str(path), "CPU", {
                 "INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
-                "INFERENCE_NUM_THREADS": _threads()})
+                "INFERENCE_NUM_THREADS": _threads(), "CACHE_DIR": str(path.parent / "openvino-cache")})
             request = compiled.create_infer_request()
             n_out = len(compiled.outputs)
 
