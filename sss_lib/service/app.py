@@ -9,6 +9,7 @@ with its traceback on the server and answered 500 ``internal_error`` without it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from typing import Any, AsyncIterator
@@ -31,6 +32,11 @@ log = logging.getLogger(__name__)
 _STATUS_CODES = {400: "bad_request", 401: "missing_token", 403: "forbidden", 404: "not_found",
                  405: "method_not_allowed", 409: "conflict", 413: "too_large", 415: "unsupported_media_type",
                  422: "invalid_request"}
+
+
+#: After a body passes the limit, what is still sent is read and dropped, up to these bounds.
+DISCARD_BYTES = 64 * MB
+DISCARD_S = 5.0
 
 
 class BodyTooLarge(StarletteHTTPException):
@@ -72,6 +78,8 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
+                    if message.get("more_body", False):
+                        await _discard_rest(receive)
                     raise BodyTooLarge(413, too_large_message(self.max_bytes))
             return message
 
@@ -86,6 +94,27 @@ class BodyLimitMiddleware:
         except BodyTooLarge:
             if not started:
                 await send_error(send, 413, "too_large", too_large_message(self.max_bytes), close=True)
+
+
+async def _discard_rest(receive: Receive) -> None:
+    """Read and drop what the client is still sending (at most :data:`DISCARD_BYTES` or
+    :data:`DISCARD_S`), nothing kept: closing a socket with unread data resets the connection,
+    and the client would lose the 413 answer."""
+    dropped = 0
+    deadline = asyncio.get_running_loop().time() + DISCARD_S
+    while dropped < DISCARD_BYTES:
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            return
+        try:
+            message = await asyncio.wait_for(receive(), left)
+        except asyncio.TimeoutError:
+            return
+        if message["type"] != "http.request":
+            return
+        dropped += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 def _error_response(status: int, code: str, message: str) -> JSONResponse:

@@ -63,7 +63,7 @@ def test_uploads_over_the_limit_are_refused_before_being_read(tight_server):
     assert status == 413 and json.loads(body)["error"]["code"] == "too_large"
     # No length (chunked): counted while read, refused as soon as it passes the limit.
     chunk = b"x" * 65536
-    chunks = [b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(limit // len(chunk) + 1)]  # no last chunk
+    chunks = [b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(limit // len(chunk) + 1)] + [b"0\r\n\r\n"]
     status, body = raw_http(tight_server.url, f"POST /v1/volumes HTTP/1.1\r\nHost: x\r\n{auth}"
                             f"Content-Type: {protocol.NPZ_TYPE}\r\nTransfer-Encoding: chunked\r\n", chunks)
     assert status == 413 and json.loads(body)["error"]["code"] == "too_large"
