@@ -183,7 +183,7 @@ def build_encoder_runtime(
     folder = _export_folder(module, model_name, weights_sha256, image_size, cache_root)
     job = _Job(module, folder, (1, 3, image_size, image_size))
     # A runtime that was asked for (not just "auto"'s first guess) and is missing gets a warning.
-    explicit = candidates[0] != AUTO_ORDER[0] or (requested or "auto").strip().lower() != "auto" \
+    explicit = (requested or "auto").strip().lower() != "auto" \
         or os.environ.get(RUNTIME_ENV, "auto").strip().lower() not in ("", "auto")
     problems: list[str] = []
     for name in candidates:
