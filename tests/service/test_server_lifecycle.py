@@ -66,3 +66,29 @@ def test_sigterm_during_a_run_cancels_it_and_exits_0(short_lived):
     log = short_lived.stderr()
     assert "Traceback" not in log and "SSS service stopped" in log
     assert not token_file.exists()  # a token it made dies with it
+
+
+def test_tls_with_a_self_signed_certificate(tmp_path):
+    import shutil
+    import ssl
+    import subprocess
+
+    import httpx
+
+    openssl = shutil.which("openssl")
+    assert openssl, "the TLS test needs the openssl command to make a certificate"
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    server = start_server(tmp_path / "tls", "--ssl-certfile", str(cert), "--ssl-keyfile", str(key))
+    try:
+        assert server.url.startswith("https://127.0.0.1:")
+        context = ssl.create_default_context(cafile=str(cert))
+        headers = {"Authorization": f"Bearer {server.token}"}
+        r = httpx.get(server.url + "/v1/info", headers=headers, verify=context, timeout=60)
+        assert r.status_code == 200 and r.json()["api_version"] == 1
+        with pytest.raises(httpx.HTTPError):  # an unknown certificate is refused by the client
+            httpx.get(server.url + "/v1/info", headers=headers, timeout=60)
+    finally:
+        assert server.stop() == 0
