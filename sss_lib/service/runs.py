@@ -312,6 +312,9 @@ def auto_segment_work(edited: "PromptSet | None", prompt_points: bool | None) ->
             "user_classes": result.user_classes, "absent": result.absent,
             "timings": {k: round(v, 4) for k, v in result.timings.items()},
         }
+        rings = getattr(result, "rings", None)  # the ring rule's rebuilt slices, where the library reports them
+        if rings:
+            meta["rings"] = {str(k): list(v) for k, v in rings.items()}
         return labels, meta
 
     return work
