@@ -314,7 +314,7 @@ def auto_segment_work(edited: "PromptSet | None", prompt_points: bool | None) ->
         }
         rings = getattr(result, "rings", None)  # the ring rule's rebuilt slices, where the library reports them
         if rings:
-            meta["rings"] = {str(k): list(v) for k, v in rings.items()}
+            meta["rings"] = {str(k): [int(s) for s in v] for k, v in rings.items()}
         return labels, meta
 
     return work
