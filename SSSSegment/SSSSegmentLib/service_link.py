@@ -24,6 +24,8 @@ import os
 import time
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
+from .errors import UserFacingError
+
 THIS_COMPUTER = "this computer"
 SERVER = "server"
 COMPUTE_CHOICES = [THIS_COMPUTER, SERVER]
@@ -37,7 +39,7 @@ SETTINGS_SERVER_TOKEN = "SSS/serverToken"
 LOCAL_START_TIMEOUT_S = 180.0
 
 
-class ServiceLinkError(RuntimeError):
+class ServiceLinkError(UserFacingError):
     """The service cannot be used; the message says what to do."""
 
 
@@ -175,11 +177,13 @@ class ServiceLink:
         self.cache: Dict[Any, Any] = {}  # per-service values (uploaded volumes, models); cleared with the client
 
     # -- configuration ----------------------------------------------------------------------------
-    def configure(self, settings: ComputeSettings, device: str = "auto") -> None:
-        """Use ``settings`` from the next :meth:`poll` on (a change drops the current client)."""
+    def configure(self, settings: ComputeSettings, device: Optional[str] = None) -> None:
+        """Use ``settings`` from the next :meth:`poll` on (a change drops the current client).
+        ``device``: what the local service computes on (None keeps the current choice)."""
         settings.check()
         self.settings = settings
-        self.device = device or "auto"
+        if device is not None:
+            self.device = device or "auto"
 
     @property
     def is_local(self) -> bool:

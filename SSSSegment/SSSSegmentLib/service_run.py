@@ -30,7 +30,7 @@ import time
 from typing import Any, Callable, List, Optional
 
 from .errors import UserFacingError
-from .service_link import ServiceLink, ServiceLinkError, unavailable_text
+from .service_link import ServiceLink, unavailable_text
 
 # Message kinds.
 PROGRESS = "progress"
@@ -407,7 +407,7 @@ class ServiceRun:
             text = unavailable_text(error, self.link.settings)
         elif isinstance(error, ServiceError):
             text = f"The SSS service refused the request: {error.message} Nothing was changed."
-        elif isinstance(error, (ServiceLinkError, UserFacingError)):
+        elif isinstance(error, UserFacingError):  # ServiceLinkError too
             text = str(error)
         else:
             logging.exception("SSS: run failed")

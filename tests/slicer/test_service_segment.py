@@ -189,3 +189,29 @@ def test_cancel_writes_nothing(scene, oblique_lung_volume, link):
     assert messages[-1].kind == service_run.CANCELLED, texts(messages)
     assert not scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems()
     assert scene.GetNumberOfNodes() == nodes_before
+
+
+def test_the_local_service_is_shared_and_stops_when_slicer_quits():
+    """Both panels get one link (one service); the function registered for aboutToQuit stops it."""
+    from SSSSegmentLib import service_link
+
+    saved = service_link._SHARED.pop("link", None)  # the session's link stays untouched
+    registered = []
+    try:
+        first = service_link.shared_link(sys.executable, str(REPO), dict(os.environ, OMP_NUM_THREADS="1"),
+                                         about_to_quit=registered.append)
+        second = service_link.shared_link("another python", None, None, about_to_quit=registered.append)
+        assert second is first and registered == [first.stop], "one link, its stop registered once"
+        first.configure(service_link.ComputeSettings(), device="cpu")
+        client = first.wait(timeout=300)
+        assert client.info()["device"] == "cpu"
+        pid = first.local_pid
+        os.kill(pid, 0)  # running
+        registered[0]()  # Slicer quits
+        with pytest.raises(ProcessLookupError):  # stop() waited for the process to end
+            os.kill(pid, 0)
+        assert first.local_pid is None
+    finally:
+        service_link._SHARED.pop("link", None)
+        if saved is not None:
+            service_link._SHARED["link"] = saved

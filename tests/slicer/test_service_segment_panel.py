@@ -8,7 +8,6 @@ settings, and the panel's timer advances the run without ever waiting for infere
 """
 
 import time
-import types
 
 import pytest
 
