@@ -229,8 +229,17 @@ def encode_result(patch: np.ndarray, start_kji: Any, meta: Mapping[str, Any]) ->
     return encode_arrays({
         "labels_patch": patch,
         "patch_start_kji": np.asarray(start_kji, dtype=np.int64).reshape(3),
-        "meta_json": np.array(json.dumps(meta)),
+        "meta_json": np.array(json.dumps(meta, default=_json_default)),
     })
+
+
+def _json_default(value: Any) -> Any:
+    """numpy scalars and arrays in result metadata, as plain JSON."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def decode_result(data: bytes) -> Tuple[np.ndarray, Tuple[int, int, int], Dict[str, Any]]:
