@@ -391,7 +391,8 @@ class ServiceRun:
             document = result.prompts_json
             outcome.prompts = PromptSet.from_json(document, self.plan.volume) if document else None
             outcome.classes = task_classes(self._model)
-            outcome.model_name = str(self._model.get("name") or os.path.basename(self.plan.task_model_path))
+            # The file the user chose names it, as in process (the service names uploads "upload-<hash>").
+            outcome.model_name = os.path.basename(self.plan.task_model_path)
         return outcome
 
     # -- endings ----------------------------------------------------------------------------------
