@@ -314,12 +314,14 @@ def scenario_copy_command(scene: Any, logic: TrainLogic, run_dir: str) -> None:
 
 # -- a real training, handed to SSS Segment ------------------------------------------------------------
 
-# Tiny cardiac phantoms (sss_lib.phantoms: RV, Myo, LV): 64 x 64 pixels, 5 slices. Three labeled
-# cases (one is held out for validation), a few optimiser steps: minutes on a CPU, seconds on a GPU.
+# Tiny cardiac phantoms (sss_lib.phantoms: RV, Myo, LV): 64 x 64 pixels, 4 slices. Two labeled
+# cases (the second is held out for validation), two optimiser steps: the trainer's whole path
+# (embedding, steps, validation, checkpoint, task model) in about a minute on a free 2-core CPU.
 PHANTOM_SIZE = (64, 64)
-PHANTOM_SLICES = 5
+PHANTOM_SLICES = 4
 PHANTOM_CLASSES = ("RV", "Myo", "LV")
-SHORT_TRAINING_ITERATIONS = 3
+PHANTOM_LABELED_CASES = 2
+SHORT_TRAINING_ITERATIONS = 2
 
 
 def add_phantom_case(scene: Any, seed: int, name: str, labeled: bool = True) -> Tuple[Any, Optional[Any]]:
@@ -362,11 +364,11 @@ def scenario_train_phantoms_then_auto_segment(
     from SSSSegmentLib import testing as segment_testing
     from sss_lib.task_model import load_task_model
 
-    for n in range(3):
-        add_phantom_case(scene, seed=50 + n, name=f"Phantom {n + 1}")
+    names = [f"Phantom {n + 1}" for n in range(PHANTOM_LABELED_CASES)]
+    for n, name in enumerate(names):
+        add_phantom_case(scene, seed=50 + n, name=name)
     labeled, _ = logic.scene_cases(scene)
-    assert [c.volume.GetName() for c in labeled if c.included] == ["Phantom 1", "Phantom 2", "Phantom 3"], (
-        [c.volume.GetName() for c in labeled])
+    assert [c.volume.GetName() for c in labeled if c.included] == names, [c.volume.GetName() for c in labeled]
 
     settings = phantom_settings(run_dir, device=device)
     started = time.monotonic()
@@ -401,7 +403,7 @@ def scenario_train_phantoms_then_auto_segment(
         assert segment.GetName() == name, (segment.GetName(), name)
     assert segments.GetNumberOfSegments() == len(classes), segments.GetNumberOfSegments()
     segment_testing.check_segmentation_matches(seg_node, unseen, np.asarray(outcome.labels), sorted(classes))
-    assert seg_node.GetAttribute("SSS.Model") == f"task model {C.MODEL_FILE} on {settings.backbone}", (
-        seg_node.GetAttribute("SSS.Model"))
+    made_by = seg_node.GetAttribute("SSS.Model") or ""
+    assert made_by.startswith("task model ") and made_by.endswith(f" on {settings.backbone}"), made_by
     return {"train_seconds": train_seconds, "segment_seconds": segment_seconds,
             "segmented": list(result.recomputed), "absent": list(result.absent)}
