@@ -798,7 +798,7 @@ class SSSTrainTest(ScriptedLoadableModuleTest):
 
         self.delayDisplay("A short training on tiny phantoms, then Auto-segment with its model in SSS Segment")
         link = slicer_link(os.path.dirname(os.path.abspath(__file__)))
-        link.configure(ComputeSettings(), device="auto")  # the SSS service on this computer
+        link.configure(ComputeSettings())  # the SSS service on this computer, on SSS Segment's device
         result = testing.scenario_train_phantoms_then_auto_segment(
             slicer.mrmlScene, SSSTrainLogic.train_logic(), self._runDir(), self._segmentLogic(),
             self._segmentParameters(), SC.TASK_MODEL_CHOICE, link)

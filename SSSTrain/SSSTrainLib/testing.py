@@ -403,7 +403,7 @@ def scenario_train_phantoms_then_auto_segment(
         assert segment.GetName() == name, (segment.GetName(), name)
     assert segments.GetNumberOfSegments() == len(classes), segments.GetNumberOfSegments()
     segment_testing.check_segmentation_matches(seg_node, unseen, np.asarray(outcome.labels), sorted(classes))
-    made_by = seg_node.GetAttribute("SSS.Model") or ""
-    assert made_by.startswith("task model ") and made_by.endswith(f" on {settings.backbone}"), made_by
+    made_by = seg_node.GetAttribute("SSS.Model")
+    assert made_by == f"task model {C.MODEL_FILE} on {settings.backbone}", made_by
     return {"train_seconds": train_seconds, "segment_seconds": segment_seconds,
             "segmented": list(result.recomputed), "absent": list(result.absent)}
