@@ -215,3 +215,51 @@ def test_the_local_service_is_shared_and_stops_when_slicer_quits():
         service_link._SHARED.pop("link", None)
         if saved is not None:
             service_link._SHARED["link"] = saved
+
+
+from test_slicer_auto_segment import task_model_file  # noqa: E402,F401 - the toy task model (a fixture)
+
+
+def test_auto_segment_through_the_service_matches_in_process_and_keeps_user_edits(scene, crop_volume, task_model_file,
+                                                                                  tumour_box, link):
+    """Auto-segment as the panel runs it: the task model uploaded once, PCSW's prompts written back as
+    markups, labels equal to sss_lib's in this process; a user-edited class survives the Re-run."""
+    import slicer
+
+    from SSSSegmentLib import constants as C
+    from SSSSegmentLib import geometry, markups, testing
+    from SSSSegmentLib.logic import SegmentLogic
+
+    logic = SegmentLogic()
+    seg, outcome = logic.auto_segment_through(link, crop_volume, task_model_file)
+    result = outcome.result
+    assert result.absent == [2] and [c.label for c in outcome.prompts.classes] == [1]
+    assert seg.GetAttribute(C.ATTR_MODEL) == "task model toy.ssstask on sam2.1_hiera_tiny"
+    tumour = logic.class_nodes(crop_volume, 1)
+    assert tumour.source == C.SOURCE_AUTO and tumour.defined_boxes(), "PCSW's box must appear as an ROI"
+    assert markups.find_class(scene, crop_volume, 2) is None
+    testing.check_segmentation_matches(seg, crop_volume, outcome.labels, [1, 2])
+
+    reference = SegmentLogic()
+    request = reference.prepare_auto_run(crop_volume, task_model_file, device="cpu")
+    in_process = reference.make_auto_work(request)(lambda text, fraction: None, lambda: False)
+    assert np.array_equal(outcome.labels, in_process.labels), "the service's labels differ from sss_lib's in process"
+
+    # The user redraws the box; Re-run keeps it, recomputes only that class, uploads nothing.
+    axis = logic.slice_axis(geometry.sss_volume_from_node(crop_volume), "k")
+    (auto_prompt,) = outcome.prompts.classes[0].prompts
+    box = tumour.defined_boxes()[0]
+    markups.write_box(box, geometry.ijk_to_world_ras(crop_volume), axis, auto_prompt.key_slice, tumour_box)
+    box.InvokeEvent(slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent)
+    assert tumour.source == C.SOURCE_USER
+    request = logic.prepare_auto_run(crop_volume, task_model_file, rerun=True)
+    run = logic.service_auto_run(link, request)
+    messages = run.run_to_end(300)
+    assert "The volume is on the service already." in texts(messages) and "Uploading the task model..." not in texts(messages)
+    again = logic.finish_auto_run(request, messages[-1].value, seg)
+    assert again is seg
+    rerun = messages[-1].value.result
+    assert rerun.user_classes == [1] and rerun.recomputed == [1]
+    (still,) = logic.prompts_from_markups(crop_volume, axis).classes[0].prompts
+    assert np.allclose(still.box, tumour_box, atol=1e-4), "the re-run moved the user's box"
+    testing.check_segmentation_matches(seg, crop_volume, messages[-1].value.labels, [1, 2])
