@@ -17,7 +17,7 @@ import numpy as np
 from ..prompts import SlicePrompt
 from .base import EmbeddingLookup
 from .spans import Gate, KeySlice, Run
-from .litemedsam_stop import SliceObservation, StopRule, observe
+from .litemedsam_stop import StopRule, observe
 
 log = logging.getLogger(__name__)
 
