@@ -151,7 +151,7 @@ class LocalService:
         """True while the child process runs."""
         return self._proc is not None and self._proc.poll() is None
 
-    def stop(self, grace: float = 10.0) -> Optional[int]:
+    def stop(self, grace: float = 30.0) -> Optional[int]:
         """Stop the service: SIGTERM (Windows: terminate), then kill after ``grace`` seconds.
 
         Returns the child's exit status (None if it was never started). The token file is removed.
