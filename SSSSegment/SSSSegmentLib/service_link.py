@@ -21,6 +21,8 @@ Python 3.9 compatible; ``sss_lib`` is imported inside the functions.
 
 import dataclasses
 import os
+import shutil
+import tempfile
 import time
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
@@ -173,6 +175,7 @@ class ServiceLink:
         self._local: Any = None
         self._local_device = ""
         self._local_started = 0.0
+        self._jobs_dir = ""
         self.starts = 0  # local services started (a test counts restarts)
         self.cache: Dict[Any, Any] = {}  # per-service values (uploaded volumes, models); cleared with the client
 
@@ -239,7 +242,9 @@ class ServiceLink:
             if client is not None:
                 return client
             if time.monotonic() > deadline:
-                raise ServiceLinkError(f"The SSS service did not start within {timeout:.0f} s.")
+                tail = "\n".join(self._local.log_tail()) if hasattr(self._local, "log_tail") else ""
+                raise ServiceLinkError(f"The SSS service did not start within {timeout:.0f} s." + (
+                    f" Its log ends with:\n{tail}" if tail else ""))
             time.sleep(interval)
 
     def forget(self) -> None:
@@ -264,6 +269,12 @@ class ServiceLink:
 
     def _start_local(self) -> None:
         args = ["--device", self.device] + self.extra_args
+        if "--jobs-dir" not in self.extra_args:
+            # Training from Slicer runs as its own process, not as a job of this service; a jobs
+            # folder of its own keeps it clear of the lock a second Slicer's (or a CLI's) service
+            # holds on $SSS_HOME/service/jobs.
+            self._jobs_dir = tempfile.mkdtemp(prefix="sss-slicer-service-")
+            args += ["--jobs-dir", self._jobs_dir]
         self._local = self.local_factory(self.python, args, self._env())
         self._local_device = self.device
         self._local_started = time.monotonic()
@@ -295,6 +306,9 @@ class ServiceLink:
                 local.stop()
             except Exception:  # noqa: BLE001 - stopping a service that already died
                 pass
+        if self._jobs_dir:
+            shutil.rmtree(self._jobs_dir, ignore_errors=True)
+            self._jobs_dir = ""
 
     def describe(self) -> str:
         """One line for the panel: where the work runs."""

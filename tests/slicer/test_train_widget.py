@@ -195,8 +195,11 @@ def test_self_test_runs_as_ctest_runs_it(panel_factory):
     suite = unittest.TestLoader().loadTestsFromTestCase(panel_factory.module.SSSTrainTest)
     names = sorted(t._testMethodName for t in suite)
     assert names == ["test_class_values", "test_copy_command", "test_export_scene_cases", "test_failure",
-                     "test_reattach", "test_start_stop_resume_use_model", "test_status_text"]
-    result = unittest.TextTestRunner(stream=open(os.devnull, "w")).run(suite)
+                     "test_reattach", "test_start_stop_resume_use_model", "test_status_text",
+                     "test_train_phantoms_then_auto_segment"]
+    # The real training (minutes on a CPU) runs in tests/slicer/test_self_tests.py; the rest here.
+    quick = unittest.TestSuite(t for t in suite if t._testMethodName != "test_train_phantoms_then_auto_segment")
+    result = unittest.TextTestRunner(stream=open(os.devnull, "w")).run(quick)
     assert result.wasSuccessful(), result.failures + result.errors
 
 
