@@ -12,6 +12,7 @@ machine's load), slices recomputed and slices newly embedded. The 3D Dice must n
 one round to the next: the script asserts it (after writing the results).
 
     python benchmarks/bench_interactive.py [--threads N] [--rounds 3] [--name interactive_cpu]
+        [--encoder-runtime torch|auto|openvino|onnxruntime]
 
 Writes ``benchmarks/results/NAME.json`` and ``NAME.md`` (with the machine, the git commit and the
 load average before and after).
@@ -99,6 +100,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--name", default="interactive_cpu")
+    parser.add_argument("--encoder-runtime", default="torch",
+                        help="LiteMedSAM's CPU image encoder: torch (default), auto, openvino, onnxruntime")
     args = parser.parse_args()
 
     import torch
@@ -108,7 +111,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
-    backbone = build_litemedsam_backbone(device="cpu")
+    backbone = build_litemedsam_backbone(device="cpu", encoder_runtime=args.encoder_runtime)
     cases = [run_case(name, stem, backbone, args.rounds) for name, stem in CASES.items()]
     load_after = os.getloadavg()
 
@@ -132,7 +135,7 @@ def main() -> None:
            f" process CPU max {max(rerun_cpu):.2f} s, mean {np.mean(rerun_cpu):.2f} s"
            + f"\n\nload average (1, 5, 15 min) before {tuple(round(v, 2) for v in load_before)},"
            f" after {tuple(round(v, 2) for v in load_after)}")
-    payload = {"backbone": "litemedsam", "cases": cases, "mean_dice_per_round": means,
+    payload = {"backbone": "litemedsam", "encoder_runtime": args.encoder_runtime, "cases": cases, "mean_dice_per_round": means,
                "max_rerun_seconds": max(reruns), "mean_rerun_seconds": float(np.mean(reruns)),
                "max_rerun_cpu_seconds": max(rerun_cpu), "mean_rerun_cpu_seconds": float(np.mean(rerun_cpu)),
                "rerun_target_seconds": TARGET_RERUN_S, "load_average_before": load_before,
