@@ -21,10 +21,13 @@ from slicer.parameterNodeWrapper import (
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 
 from SSSSegmentLib import constants as C
+from SSSSegmentLib import edit_guard
 from SSSSegmentLib.busy import BusyState
 from SSSSegmentLib.errors import UserFacingError
+from SSSSegmentLib.geometry import matrix_from_vtk
+from SSSSegmentLib.inputs import default_input_volume
 from SSSSegmentLib.service_link import ComputeOnControls
-from SSSSegmentLib.logic import SegmentLogic, status_text
+from SSSSegmentLib.logic import SegmentLogic, labels_to_write, status_text
 from SSSSegmentLib.markups import class_visible, find_class, point_is_positive
 from SSSSegmentLib.paths import ensure_sss_lib_importable
 
@@ -37,7 +40,8 @@ BUSY_WIDGETS = [
     "segmentButton", "rerunButton", "autoSegmentButton", "inputVolumeSelector", "modelComboBox",
     "taskModelPathLineEdit", "deviceComboBox", "sliceAxisComboBox", "outputSegmentationSelector",
     "computeOnComboBox", "serverUrlLineEdit", "serverTokenLineEdit", "addClassButton", "removeClassButton",
-    "addBoxButton", "addPositivePointButton", "addNegativePointButton", "clearPromptsButton", "showHideButton",
+    "addBoxButton", "addPositivePointButton", "addNegativePointButton", "notOnSliceButton", "clearPromptsButton",
+    "showHideButton",
 ]
 
 
@@ -146,6 +150,7 @@ class SSSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.addBoxButton.connect("clicked(bool)", self.onAddBox)
         self.ui.addPositivePointButton.connect("clicked(bool)", lambda *unused: self.onAddPoint(True))
         self.ui.addNegativePointButton.connect("clicked(bool)", lambda *unused: self.onAddPoint(False))
+        self.ui.notOnSliceButton.connect("clicked(bool)", self.onNotOnSlice)
         self.ui.showHideButton.connect("toggled(bool)", self.onShowHide)
         self.ui.clearPromptsButton.connect("clicked(bool)", self.onClearPrompts)
         self.ui.classListWidget.connect("currentRowChanged(int)", self._updateButtons)
@@ -210,7 +215,7 @@ class SSSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
-            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            firstVolumeNode = default_input_volume(slicer.mrmlScene)  # never a label map or an RGB volume
             if firstVolumeNode:
                 self._parameterNode.inputVolume = firstVolumeNode
 
@@ -274,14 +279,17 @@ class SSSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         n_pos = sum(1 for i in range(nodes.points.GetNumberOfControlPoints()) if point_is_positive(nodes.points, i))
         n_neg = nodes.points.GetNumberOfControlPoints() - n_pos
         n_box = len(nodes.defined_boxes())
-        return f"{nodes.name}   [label {nodes.label}, {nodes.source}: {n_box} box, {n_pos} +, {n_neg} -]"
+        n_absent = nodes.absent.GetNumberOfControlPoints() if nodes.absent is not None else 0
+        absent = f", absent on {n_absent} slice(s)" if n_absent else ""
+        return f"{nodes.name}   [label {nodes.label}, {nodes.source}: {n_box} box, {n_pos} +, {n_neg} -{absent}]"
 
     def _updateButtons(self, *unused) -> None:
         busy = self._busy is not None and self._busy.active
         hasVolume = self._volume() is not None
         label = self._selectedLabel()
         for button in (self.ui.addBoxButton, self.ui.addPositivePointButton, self.ui.addNegativePointButton,
-                       self.ui.clearPromptsButton, self.ui.removeClassButton, self.ui.showHideButton):
+                       self.ui.notOnSliceButton, self.ui.clearPromptsButton, self.ui.removeClassButton,
+                       self.ui.showHideButton):
             button.enabled = hasVolume and label is not None and not busy
         self.ui.addClassButton.enabled = hasVolume and not busy
         hasClasses = self.ui.classListWidget.count > 0
@@ -348,6 +356,41 @@ class SSSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Could not start placing points."), waitCursor=False):
             points = self.logic.begin_point(self._volume(), self._selectedLabel(), positive)
             self._startPlacing(points, persistent=True)
+
+    def onNotOnSlice(self, *unused) -> None:
+        """Mark the selected class absent from the slice the Red view shows, or remove that mark."""
+        label, volume = self._selectedLabel(), self._volume()
+        if label is None or volume is None or (self._busy is not None and self._busy.active):
+            return
+        try:
+            sliceNode = self._redSliceNode()
+            if sliceNode is None:
+                raise UserFacingError(_("There is no Red slice view: choose a layout that shows it."))
+            index, marked = self.logic.toggle_not_on_slice(
+                volume, label, self._parameterNode.sliceAxis, matrix_from_vtk(sliceNode.GetSliceToRAS()))
+        except Exception as e:
+            known = isinstance(e, UserFacingError)
+            message = str(e) if known else _("Could not mark the slice: {error}").format(error=e)
+            self.ui.statusLabel.text = message
+            slicer.util.errorDisplay(message)
+            return
+        name = self.logic.class_nodes(volume, label).name
+        if marked:
+            text = _("Class '{name}' marked absent from slice {index}: propagation will not cross it.")
+        else:
+            text = _("Removed the 'not on this slice' mark of class '{name}' on slice {index}.")
+        self.ui.statusLabel.text = text.format(name=name, index=index)
+        self._refreshClasses()
+
+    @staticmethod
+    def _redSliceNode():
+        """The Red slice view's node (its layout name; in Slicer its ID is vtkMRMLSliceNodeRed), or None."""
+        nodes = slicer.mrmlScene.GetNodesByClass("vtkMRMLSliceNode")
+        for n in range(nodes.GetNumberOfItems()):
+            node = nodes.GetItemAsObject(n)
+            if node.GetLayoutName() == "Red":
+                return node
+        return None
 
     def _startPlacing(self, node, persistent: bool) -> None:
         markupsLogic = slicer.modules.markups.logic()
@@ -443,7 +486,9 @@ class SSSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             request.download_weights = True
         segmentationNode = pn.outputSegmentation
         run = self.logic.service_run(link, request, rerun)
-        self._launch(run, lambda outcome: self.logic.finish_run(request, outcome, segmentationNode))
+        self._launch(run, self._resultWriter(
+            request.volume_node_id, segmentationNode,
+            lambda outcome, keep: self.logic.finish_run(request, outcome, segmentationNode, keep_edited=keep)))
         return True
 
     def _startAutoRun(self, link, rerun: bool) -> bool:
@@ -451,8 +496,29 @@ class SSSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         request = self.logic.prepare_auto_run(pn.inputVolume, self._taskModelPath(), pn.device, rerun)
         segmentationNode = pn.outputSegmentation
         run = self.logic.service_auto_run(link, request)
-        self._launch(run, lambda outcome: self.logic.finish_auto_run(request, outcome, segmentationNode))
+        self._launch(run, self._resultWriter(
+            request.volume_node_id, segmentationNode,
+            lambda outcome, keep: self.logic.finish_auto_run(request, outcome, segmentationNode, keep_edited=keep)))
         return True
+
+    @staticmethod
+    def _resultWriter(volumeNodeId: str, segmentationNode, write):
+        """The run's finish: if segments it rewrites were edited since SSS wrote them (Segment
+        Editor), ask whether to overwrite them, keep the edited slices, or cancel; then
+        ``write(outcome, keep_edited)``. Returns the segmentation node, or None when cancelled
+        (nothing written)."""
+
+        def finish(outcome):
+            volumeNode = slicer.mrmlScene.GetNodeByID(volumeNodeId)
+            answer = edit_guard.OVERWRITE
+            if volumeNode is not None and segmentationNode is not None:  # else the write says what is wrong
+                answer = edit_guard.ask_how_to_write(
+                    slicer.mrmlScene, segmentationNode, volumeNode, labels_to_write(outcome.result))
+            if answer == edit_guard.CANCEL:
+                return None
+            return write(outcome, answer == edit_guard.KEEP_EDITED)
+
+        return finish
 
     def _launch(self, run, finish) -> None:
         self._run = run
@@ -513,6 +579,11 @@ class SSSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _finishRun(self, outcome) -> None:
         try:
             node = self._runFinish(outcome)
+            if node is None:  # the user chose to keep the segmentation as it is
+                self._run.discard_session()  # so a Re-run recomputes, and asks, again
+                self._resetProgress()
+                self.ui.statusLabel.text = _("Result not written: the segmentation keeps your edits.")
+                return
             self._parameterNode.outputSegmentation = node
             self._refreshClasses()
             wall = time.perf_counter() - self._runStarted

@@ -286,12 +286,13 @@ class SSSTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             logging.exception(title)
         slicer.util.errorDisplay(message, windowTitle=title)
 
-    def _ensureReady(self) -> bool:
-        """Python version and packages (torch, sam2, ...), checked and installed on first use, as in SSS Segment."""
+    def _ensureReady(self, local: bool = True) -> bool:
+        """Python version and, to train on this computer, packages (torch, sam2, ...), checked and
+        installed on first use, as in SSS Segment. A server job needs none of them here."""
         from SSSSegmentLib import dependencies
 
         dependencies.check_python(sys.version_info)
-        if self._dependenciesChecked:
+        if self._dependenciesChecked or not local:
             return True
         ok = dependencies.ensure_dependencies_in_slicer()
         self._dependenciesChecked = ok
@@ -360,9 +361,9 @@ class SSSTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         link.configure(self._computeOn.settings())
         return link
 
-    def _serverClient(self):
+    def _serverClient(self, link=None):
         """The server's client when "Compute on" is a server, else None (training runs here)."""
-        link = self._link()
+        link = link if link is not None else self._link()
         return None if link.is_local else link.poll()
 
     def onStart(self, *unused) -> None:
@@ -372,9 +373,10 @@ class SSSTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _start(self) -> None:
         try:
-            client = self._serverClient()
-            if client is None and not self._ensureReady():
+            link = self._link()
+            if not self._ensureReady(local=link.is_local):  # "Compute on: server" installs nothing here
                 return
+            client = self._serverClient(link)
             logic = self.logic.train_logic()
             settings = self._settings()
             status = self._runFolderStatus(settings.run_dir)

@@ -188,6 +188,54 @@ class SegmentLogic:
             mark_user(nodes.points)
         self.watch(volume_node)
 
+    def toggle_not_on_slice(
+        self, volume_node: Any, label: int, axis_name: str, slice_to_ras: np.ndarray
+    ) -> Tuple[int, bool]:
+        """Mark class ``label`` absent from the slice a slice view shows, or remove the mark if the
+        slice has one (the panel's "Not on this slice" button).
+
+        Args:
+            axis_name: the slice axis as the run uses it ("auto", "i", "j", "k"; see :meth:`slice_axis`).
+            slice_to_ras: the view's 4x4 slice-to-RAS matrix (``sliceNode.GetSliceToRAS()``): its
+                translation is the point the view is centred on, its third column the view's normal.
+
+        Returns:
+            ``(slice index along the axis, True if now marked / False if the mark was removed)``.
+
+        Raises:
+            UserFacingError: the view does not show slices across ``axis_name``, the slice lies
+                outside the volume, or the class has a box or points on it.
+        """
+        import slicer.util
+
+        nodes = self.class_nodes(volume_node, label)
+        view = slicer.util.arrayFromVolume(volume_node)  # geometry only: no copy of the voxels
+        axis = self.slice_axis(geometry.sss_volume_from_node(volume_node, voxels=view), axis_name)
+        m = np.asarray(slice_to_ras, dtype=float)
+        ijk_to_world = geometry.ijk_to_world_ras(volume_node)
+        directions = ijk_to_world[:3, :3] / np.linalg.norm(ijk_to_world[:3, :3], axis=0)
+        normal = m[:3, 2] / np.linalg.norm(m[:3, 2])
+        shown = int(np.argmax(np.abs(normal @ directions)))  # the voxel axis the view steps along
+        if shown != axis.axis:
+            raise UserFacingError(
+                f"The slice view shows slices across the volume's {'ijk'[shown]} axis, but the run's slice axis is "
+                f"{'ijk'[axis.axis]}: set the view's orientation, or 'Slice axis', so that they match."
+            )
+        world_to_ijk = np.linalg.inv(ijk_to_world)
+        index = markups.slice_index_at(volume_node, axis, m[:3, 3])
+        with self.watcher.paused():
+            if index in markups.not_on_slice_slices(nodes, world_to_ijk, axis):
+                markups.unmark_not_on_slice(nodes, volume_node, axis, index)
+                marked = False
+            else:
+                try:
+                    markups.mark_not_on_slice(self.scene, nodes, volume_node, axis, index)
+                except ValueError as e:
+                    raise UserFacingError(f"Cannot mark class '{nodes.name}' absent: {e}.") from None
+                marked = True
+        self.watch(volume_node)
+        return index, marked
+
     def watch(self, volume_node: Any) -> None:
         """Observe the markups of ``volume_node``'s classes (call after classes change)."""
         self.watcher.watch(self.classes(volume_node))
@@ -359,7 +407,9 @@ class SegmentLogic:
         key = ("auto", volume_node.GetID(), volume_node.GetImageData().GetMTime(), path, device)
         reuse = rerun and key in self._sessions
         volume = geometry.sss_volume_from_node(volume_node, voxels=view if reuse else np.array(view, copy=True))
-        snapshots = [snap for snap in self.snapshot_prompts(volume_node) if snap.boxes or snap.points]
+        # A class with only "not on this slice" markers is still the user's class: it must reach the
+        # run (as empty where marked), not count as deleted.
+        snapshots = [snap for snap in self.snapshot_prompts(volume_node) if snap.boxes or snap.points or snap.absent]
         return AutoRunRequest(
             volume_node.GetID(), volume, snapshots, np.linalg.inv(geometry.ijk_to_world_ras(volume_node)), path,
             device, key, reuse, rerun,
@@ -402,9 +452,12 @@ class SegmentLogic:
 
         return work
 
-    def finish_auto_run(self, request: "AutoRunRequest", outcome: RunOutcome, segmentation_node: Optional[Any] = None) -> Any:
+    def finish_auto_run(
+        self, request: "AutoRunRequest", outcome: RunOutcome, segmentation_node: Optional[Any] = None,
+        keep_edited: bool = False,
+    ) -> Any:
         """Write PCSW's prompts into the markups (never over a user's class) and the labels into the
-        segmentation (main thread)."""
+        segmentation (main thread). ``keep_edited``: see :meth:`finish_run`."""
         if outcome.session is not None:
             self._sessions = {request.session_key: outcome.session}
         volume_node = self.scene.GetNodeByID(request.volume_node_id)
@@ -421,8 +474,9 @@ class SegmentLogic:
         self.watch(volume_node)
         classes = list(outcome.classes or [])
         node = segmentation.prepare_segmentation(self.scene, volume_node, segmentation_node)
-        update = None if segmentation_node is None else sorted(set(result.recomputed) | set(result.absent))
-        segmentation.write_class_segments(self.scene, node, volume_node, outcome.labels, classes, update)
+        update = None if segmentation_node is None else labels_to_write(result)
+        segmentation.write_class_segments(self.scene, node, volume_node, outcome.labels, classes, update,
+                                          keep_edited=keep_edited)
         model = f"task model {outcome.model_name} on {outcome.backbone_name}"
         segmentation.record_run(node, model, outcome.device or request.device, result.seconds)
         return node
@@ -437,9 +491,15 @@ class SegmentLogic:
         return self.finish_auto_run(request, outcome, segmentation_node), outcome.result
 
     def finish_run(
-        self, request: RunRequest, outcome: RunOutcome, segmentation_node: Optional[Any] = None
+        self, request: RunRequest, outcome: RunOutcome, segmentation_node: Optional[Any] = None,
+        keep_edited: bool = False,
     ) -> Any:
-        """Keep the session and write the result into ``segmentation_node`` (created if None; main thread)."""
+        """Keep the session and write the result into ``segmentation_node`` (created if None; main thread).
+
+        ``keep_edited``: slices of the rewritten segments that were edited since SSS wrote them
+        (Segment Editor) keep the user's voxels; False overwrites them. Ask the user first with
+        :func:`SSSSegmentLib.edit_guard.ask_how_to_write` (labels: :func:`labels_to_write`).
+        """
         if outcome.session is not None:  # in process: one volume's session at a time (memory)
             self._sessions = {request.session_key: outcome.session}
             self._backbones[(request.model, request.device)] = outcome.session.backbone
@@ -450,7 +510,8 @@ class SegmentLogic:
         classes = [(c.label, c.name, tuple(int(v) for v in c.color)) for c in request.prompts.classes]
         node = segmentation.prepare_segmentation(self.scene, volume_node, segmentation_node)
         update = None if segmentation_node is None else result.recomputed
-        segmentation.write_class_segments(self.scene, node, volume_node, outcome.labels, classes, update)
+        segmentation.write_class_segments(self.scene, node, volume_node, outcome.labels, classes, update,
+                                          keep_edited=keep_edited)
         segmentation.record_run(node, outcome.backbone_name, outcome.device or request.device, result.seconds)
         return node
 
@@ -518,24 +579,26 @@ class SegmentLogic:
     def segment_through(
         self, link: Any, volume_node: Any, segmentation_node: Optional[Any] = None, model: str = "auto",
         device: str = "auto", axis_name: str = "auto", rerun: bool = False, timeout: float = 600.0,
+        keep_edited: bool = False,
     ) -> Tuple[Any, RunOutcome]:
         """Segment through the service and wait (scripts, tests); returns ``(segmentation node, outcome)``.
+        ``keep_edited``: see :meth:`finish_run`.
 
         Raises:
             UserFacingError: the run failed or was cancelled (the scene is unchanged).
         """
         request = self.prepare_run(volume_node, model, device, axis_name, rerun)
         outcome = _final_outcome(self.service_run(link, request, rerun).run_to_end(timeout))
-        return self.finish_run(request, outcome, segmentation_node), outcome
+        return self.finish_run(request, outcome, segmentation_node, keep_edited=keep_edited), outcome
 
     def auto_segment_through(
         self, link: Any, volume_node: Any, task_model_path: str, segmentation_node: Optional[Any] = None,
-        rerun: bool = False, timeout: float = 600.0,
+        rerun: bool = False, timeout: float = 600.0, keep_edited: bool = False,
     ) -> Tuple[Any, RunOutcome]:
         """Auto-segment through the service and wait; see :meth:`segment_through`."""
         request = self.prepare_auto_run(volume_node, task_model_path, "auto", rerun)
         outcome = _final_outcome(self.service_auto_run(link, request).run_to_end(timeout))
-        return self.finish_auto_run(request, outcome, segmentation_node), outcome
+        return self.finish_auto_run(request, outcome, segmentation_node, keep_edited=keep_edited), outcome
 
     def clear_cache(self) -> None:
         """Forget models, sessions and embeddings (frees memory)."""
@@ -593,6 +656,13 @@ def prompt_set_from_snapshots(
     except PromptError as e:
         raise UserFacingError(f"{e}.") from None
     return prompt_set
+
+
+def labels_to_write(result: Any) -> List[int]:
+    """The classes a run's result rewrites in an existing segmentation: those it recomputed, and
+    (Auto-segment) those it found absent. The labels to ask about before writing
+    (:func:`SSSSegmentLib.edit_guard.ask_how_to_write`)."""
+    return sorted({int(v) for v in result.recomputed} | {int(v) for v in (getattr(result, "absent", None) or [])})
 
 
 def status_text(result: Any, backbone_name: str, device: str) -> str:

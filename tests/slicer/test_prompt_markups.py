@@ -229,3 +229,34 @@ def test_not_on_this_slice_markers_are_their_own_markup_and_round_trip(scene, vo
     assert markups.read_class_prompts(found, to_ijk, axis) is None
     markups.remove_class(scene, found)
     assert scene.GetNodeByID(absent_node.GetID()) is None
+
+
+def test_auto_segment_keeps_a_class_with_only_not_on_slice_markers(scene, logic, volume, tmp_path):
+    """Auto-segment reads the markups as snapshots: a class with only "not on this slice" markers is
+    the user's class (empty where marked), not a deleted one; the service path sends it too."""
+    import sys
+
+    from sss_lib.volume import SliceAxis
+
+    from SSSSegmentLib import geometry, markups
+    from SSSSegmentLib.service_link import ServiceLink
+
+    task_file = tmp_path / "liver.ssstask"
+    task_file.write_bytes(b"prepare_auto_run only checks that the file exists")
+    to_world = geometry.ijk_to_world_ras(volume)
+    prompted = logic.add_class(volume, "liver")
+    markups.write_box(logic.begin_box(volume, prompted.label), to_world, SliceAxis(2), 8, (10, 10, 20, 20))
+    markers = logic.add_class(volume, "lesion")
+    markups.mark_not_on_slice(scene, markers, volume, SliceAxis(2), 5)
+    logic.add_class(volume, "deleted")  # no prompt at all: left out, as the user deleted its prompts
+
+    request = logic.prepare_auto_run(volume, str(task_file))
+    assert [snap.label for snap in request.snapshots] == [1, 2]
+    (snap,) = [snap for snap in request.snapshots if snap.label == 2]
+    assert not snap.boxes and not snap.points and len(snap.absent) == 1
+
+    run = logic.service_auto_run(ServiceLink(sys.executable), request)  # builds the plan; connects to nothing
+    edited = run.plan.edited_prompts("k")
+    assert [c.label for c in edited.classes] == [1, 2]
+    lesion = edited.by_label()[2]
+    assert lesion.absent_slices() == [5] and not lesion.key_slices()

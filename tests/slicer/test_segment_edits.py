@@ -189,3 +189,34 @@ def test_slice_digests_match_their_definition():
     moved = mask.copy()
     moved[10, 3, 4], moved[10, 4, 3] = mask[10, 4, 3], mask[10, 3, 4]  # swap two voxels of slice 10
     assert edit_guard.slice_digests(moved)[0][10] != got[0][10]
+
+
+def test_finish_run_keeps_a_painted_slice_only_when_asked(scene, volume):
+    """The logic's write of a run's result (SegmentLogic.finish_run, which the panel calls after
+    edit_guard.ask_how_to_write): keep_edited=True keeps the painted slice, False overwrites it."""
+    from SSSSegmentLib import edit_guard, geometry, markups, segmentation, testing
+    from SSSSegmentLib.logic import SegmentLogic, labels_to_write
+
+    logic = SegmentLogic(backbone_factory=lambda model, device: testing.make_box_backbone())
+    nodes = logic.add_class(volume, "tumour")
+    axis = logic.slice_axis(geometry.sss_volume_from_node(volume), "k")
+    markups.write_box(logic.begin_box(volume, nodes.label), geometry.ijk_to_world_ras(volume), axis, 5, (6, 5, 15, 14))
+    seg, _ = logic.segment(volume, axis_name="k")
+    result = segmentation.read_segment_mask(scene, seg, volume, segmentation.segment_id(1))
+    assert result[5].any() and not result[0].any()
+
+    painted = paint(scene, seg, volume, 1, lambda mask: mask.__setitem__((5, slice(0, 3), slice(0, 3)), 1))
+    request = logic.prepare_run(volume, axis_name="k")  # a Segment click: every class is recomputed
+    outcome = logic.make_work(request)(lambda text, fraction: None, lambda: False)
+    assert labels_to_write(outcome.result) == [1]
+    assert [r.label for r in edit_guard.find_edits(scene, seg, volume, labels_to_write(outcome.result))] == [1]
+
+    logic.finish_run(request, outcome, seg, keep_edited=True)
+    kept = segmentation.read_segment_mask(scene, seg, volume, segmentation.segment_id(1))
+    assert np.array_equal(kept[5], painted[5]) and not np.array_equal(kept[5], result[5])
+    others = [k for k in range(10) if k != 5]
+    assert np.array_equal(kept[others], result[others])
+
+    logic.finish_run(request, outcome, seg, keep_edited=False)
+    assert np.array_equal(segmentation.read_segment_mask(scene, seg, volume, segmentation.segment_id(1)), result)
+    assert edit_guard.find_edits(scene, seg, volume) == []

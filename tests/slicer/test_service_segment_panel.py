@@ -227,3 +227,49 @@ def test_install_clicks_while_installing_do_nothing(panel_factory, volume_with_b
     assert len(installs) == 1, f"{len(installs)} installs"
     assert not any(installs[0].values()), "the panel was not busy while installing"
     assert not panel.widget._busy.active and panel.busy_widgets_enabled() == idle
+
+
+def test_edited_segments_are_asked_about_and_cancel_writes_nothing(panel_factory, volume_with_box, scene, monkeypatch):
+    """A result about to overwrite a segment painted since SSS wrote it: the panel asks
+    (edit_guard.ask_how_to_write; the dialog is stood in for). Cancel leaves the segmentation as it
+    is; "keep edited slices" keeps the painted slice and writes the rest."""
+    import numpy as np
+    from test_segment_edits import paint
+
+    from SSSSegmentLib import edit_guard, segmentation
+
+    panel = panel_factory()
+    ui = panel.ui
+    choose(panel, volume_with_box)
+    ui.segmentButton.click()
+    panel.run_timer()
+    seg = panel.widget._parameterNode.outputSegmentation
+    sid = segmentation.segment_id(1)
+    first = segmentation.read_segment_mask(scene, seg, volume_with_box, sid)
+    assert first[5].any()
+    painted = paint(scene, seg, volume_with_box, 1, lambda mask: mask.__setitem__((5, slice(0, 4), slice(0, 4)), 1))
+
+    asked, answers = [], [edit_guard.CANCEL, edit_guard.KEEP_EDITED]
+    real_find = edit_guard.find_edits
+
+    def ask_how_to_write(scene_, segmentation_node, volume_node, labels=None, ask=None):
+        asked.append((segmentation_node, volume_node, list(labels)))
+        assert real_find(scene_, segmentation_node, volume_node, labels), "asked although nothing was edited"
+        return answers.pop(0)
+
+    monkeypatch.setattr(edit_guard, "ask_how_to_write", ask_how_to_write)
+    ui.segmentButton.click()
+    panel.run_timer()
+    assert asked == [(seg, volume_with_box, [1])]
+    assert ui.statusLabel.text == "Result not written: the segmentation keeps your edits."
+    assert not panel.recorder.errors and not panel.widget._busy.active
+    assert np.array_equal(segmentation.read_segment_mask(scene, seg, volume_with_box, sid), painted)
+    assert scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems() == 1
+
+    ui.rerunButton.click()  # the cancelled result's session was dropped: the re-run recomputes and asks again
+    panel.run_timer()
+    assert len(asked) == 2 and ui.statusLabel.text.startswith("Segmented 1 class(es) (1 recomputed)"), ui.statusLabel.text
+    now = segmentation.read_segment_mask(scene, seg, volume_with_box, sid)
+    assert np.array_equal(now[5], painted[5]), "the painted slice was overwritten"
+    others = [k for k in range(now.shape[0]) if k != 5]
+    assert np.array_equal(now[others], first[others])
