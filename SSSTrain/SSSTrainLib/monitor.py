@@ -16,6 +16,7 @@ import os
 from typing import Any, List, Optional
 
 from . import constants as C
+from .files import FileWatch
 from .process import FileTail, console_file, pid_alive, request_stop, stdout_file, stop_file
 from .runstate import RunState, read_state
 
@@ -74,7 +75,7 @@ class RunMonitor:
         self.last_val: Any = None
         self.terminal: Any = None
         self.stop_requested = False
-        self._curves_mtime: Optional[float] = None
+        self._curves = FileWatch(os.path.join(run_dir, C.CURVES_FILE))
 
     @property
     def owned(self) -> bool:
@@ -116,15 +117,7 @@ class RunMonitor:
 
     def curves_update(self) -> Optional[str]:
         """``RUN/curves.png`` when it changed since the last call (the panel reloads it), else None."""
-        path = os.path.join(self.run_dir, C.CURVES_FILE)
-        try:
-            mtime = os.stat(path).st_mtime
-        except OSError:
-            return None
-        if mtime == self._curves_mtime:
-            return None
-        self._curves_mtime = mtime
-        return path
+        return self._curves.path if self._curves.changed() else None
 
     def _read(self) -> List[RunMessage]:
         from sss_lib.runs.progress import parse_progress_line

@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from . import constants as C
 from .errors import RunFolderError
+from .files import FileWatch, read_dataclass, write_bytes_atomically, write_dataclass
 from .monitor import DONE, ENDED, EVENT, FAILED, FINISHED, LOG, STOPPED, RunMessage, finished_text
 from .runstate import panel_dir
 from .settings import TrainSettings, check_settings, given
@@ -61,32 +62,12 @@ def read_job(run_dir: str) -> Optional[RemoteJob]:
     """The server job recorded in ``run_dir``, or None (none, or a damaged file)."""
     if not given(run_dir):
         return None
-    try:
-        with open(job_path(run_dir), encoding="utf-8") as f:
-            data = json.load(f)
-        known = {f.name for f in dataclasses.fields(RemoteJob)}
-        return RemoteJob(**{k: v for k, v in data.items() if k in known})
-    except (OSError, ValueError, TypeError):
-        return None
+    return read_dataclass(job_path(run_dir), RemoteJob)
 
 
 def write_job(job: RemoteJob) -> str:
     """Write ``job`` atomically into its run folder; returns the file."""
-    path = job_path(job.run_dir)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(dataclasses.asdict(job), f, indent=2)
-    os.replace(tmp, path)
-    return path
-
-
-def write_bytes_atomically(path: str, data: bytes) -> None:
-    """``data`` into ``path``: a reader (the panel, SSS Segment) never sees half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    return write_dataclass(job_path(job.run_dir), job)
 
 
 def job_settings(settings: TrainSettings) -> Dict[str, Any]:
@@ -168,7 +149,7 @@ class RemoteJobMonitor:
         self._next = max(0, int(job.next) - backlog)
         self._retry_at = 0.0
         self._fetch_files = True
-        self._curves_mtime: Optional[float] = None
+        self._curves = FileWatch(os.path.join(self.run_dir, C.CURVES_FILE))
         self._queued_shown: Optional[int] = None
 
     owned = True  # the panel can stop and resume it (through the server)
@@ -257,15 +238,7 @@ class RemoteJobMonitor:
 
     def curves_update(self) -> Optional[str]:
         """``RUN/curves.png`` when it changed since the last call, else None."""
-        path = os.path.join(self.run_dir, C.CURVES_FILE)
-        try:
-            mtime = os.stat(path).st_mtime_ns
-        except OSError:
-            return None
-        if mtime == self._curves_mtime:
-            return None
-        self._curves_mtime = mtime
-        return path
+        return self._curves.path if self._curves.changed() else None
 
     def _finished_message(self) -> RunMessage:
         outcome = _OUTCOME.get(self.job_state, ENDED)

@@ -7,13 +7,13 @@ line and when it started. The pid alone is not proof: a pid is only trusted on t
 """
 
 import dataclasses
-import json
 import os
 import socket
 import time
 from typing import List, Optional
 
 from . import constants as C
+from .files import read_dataclass, write_dataclass
 
 
 @dataclasses.dataclass
@@ -57,21 +57,9 @@ def new_state(run_dir: str, pid: int, command: List[str], resumed: bool) -> RunS
 
 def write_state(state: RunState) -> str:
     """Write ``state`` atomically (a reader never sees half a file); returns the file."""
-    path = state_path(state.run_dir)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(dataclasses.asdict(state), f, indent=2)
-    os.replace(tmp, path)
-    return path
+    return write_dataclass(state_path(state.run_dir), state)
 
 
 def read_state(run_dir: str) -> Optional[RunState]:
     """The last launch recorded in ``run_dir``, or None (no file, or a damaged one)."""
-    try:
-        with open(state_path(run_dir), encoding="utf-8") as f:
-            data = json.load(f)
-        known = {f.name for f in dataclasses.fields(RunState)}
-        return RunState(**{k: v for k, v in data.items() if k in known})
-    except (OSError, ValueError, TypeError):
-        return None
+    return read_dataclass(state_path(run_dir), RunState)

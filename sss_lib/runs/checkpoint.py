@@ -23,6 +23,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import WeightsError
+from .pids import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -124,22 +125,10 @@ def _remove_stale_temps(target: Path) -> None:
     prefix = f".{target.name}.tmp-"
     for stray in target.parent.glob(f"{prefix}*"):
         pid_text = stray.name[len(prefix):].split("-", 1)[0]
-        if pid_text.isdigit() and int(pid_text) != os.getpid() and _alive(int(pid_text)):
+        if pid_text.isdigit() and int(pid_text) != os.getpid() and pid_alive(int(pid_text)):
             continue  # another live process is writing it
         stray.unlink(missing_ok=True)
         log.info("removed %s, left by an interrupted save", stray)
-
-
-def _alive(pid: int) -> bool:
-    if os.name == "nt":
-        return True  # no cheap check; leaving a stray file beats deleting a live writer's
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _fsync_folder(folder: Path) -> None:

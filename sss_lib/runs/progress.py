@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import IO, Any, Callable
 
+from ..jsonline import parse_json_object
+
 SCHEMA = "sss.progress/1"
 EVENTS = ("start", "step", "val", "checkpoint", "stop", "done", "error")
 FIELDS = ("schema", "event", "step", "total_steps", "epoch", "losses", "lr", "mask_ratio", "val_dice",
@@ -83,14 +85,8 @@ class ProgressRecord:
 
 def parse_progress_line(line: str) -> ProgressRecord | None:
     """The record on one stdout line, or None when the line is not a progress record."""
-    text = line.strip()
-    if not text.startswith("{"):
-        return None
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA or data.get("event") not in EVENTS:
+    data = parse_json_object(line)
+    if data is None or data.get("schema") != SCHEMA or data.get("event") not in EVENTS:
         return None
     try:
         return ProgressRecord.from_dict(data)

@@ -51,6 +51,7 @@ from typing import IO, Any, Mapping, Sequence
 
 from ..errors import InputError
 from ..runs.layout import RunPaths
+from ..runs.pids import pid_alive
 from ..runs.progress import parse_progress_line
 from .http_errors import ApiError, from_library_error, not_found
 from .job_settings import SettingsError, job_gpus, settings_to_argv
@@ -130,28 +131,10 @@ class _ProgressLog:
         return self.records
 
 
-def _pid_alive(pid: int | None) -> bool:
-    if not pid or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    if sys.platform.startswith("linux"):
-        try:  # a zombie (ended, not yet reaped by its parent) no longer trains
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                return f.read().rsplit(b")", 1)[-1].split()[0] != b"Z"
-        except OSError:
-            return False
-    return True
-
-
 def _is_our_trainer(pid: int | None, run_dir: Path) -> bool:
     """True when ``pid`` runs and is the trainer of ``run_dir`` (Linux checks its command line, so a
     reused pid is not mistaken for it; elsewhere a running pid is trusted)."""
-    if not _pid_alive(pid):
+    if not pid_alive(pid):
         return False
     cmdline = Path(f"/proc/{pid}/cmdline")
     if sys.platform.startswith("linux") and cmdline.exists():

@@ -20,6 +20,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
+from ..jsonline import parse_json_object
+
 #: The API's major version; a client of another major is refused with 409.
 API_VERSION = 1
 API_PREFIX = "/v1"
@@ -105,14 +107,8 @@ def ready_line(url: str, *, sss_version: str, device: str, pid: int,
 
 def parse_ready_line(line: str) -> Optional[Dict[str, Any]]:
     """The ready object when ``line`` is the ready line, else None (other output is ignored)."""
-    text = line.strip()
-    if not text.startswith("{"):
-        return None
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return None
-    if isinstance(data, dict) and data.get("event") == "ready" and "url" in data:
+    data = parse_json_object(line)
+    if data is not None and data.get("event") == "ready" and "url" in data:
         return data
     return None
 
