@@ -10,15 +10,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from sss_lib.cli import main
-from sss_lib.phantoms import make_phantom_dataset
 from sss_lib.prompts import ClassPrompts, PromptSet
-from sss_lib.trainer import TrainConfig, train_task_model
 
 
 # One torch thread, and a fresh random-init SAM-2.1 tiny ``backbone`` for this module: tests/conftest.py.
@@ -26,32 +23,18 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    return make_phantom_dataset(tmp_path_factory.mktemp("phantoms"), 2, seed=8, n_slices=5, size=(48, 48),
-                                spacing=(3.0, 3.0, 8.0))
-
-
-@pytest.fixture(scope="module")
-def model_path(dataset, backbone, tmp_path_factory) -> Path:
-    # The coarse head alone (the decoder stays as built): these tests are about prompts, not masks.
-    config = TrainConfig(dataset, tmp_path_factory.mktemp("model") / "heart.ssstask", iterations=100, seed=0,
-                         head_batch=5, head_width=16, lr_head=1e-2, train_decoder=False, val_cases=())
-    return train_task_model(config, backbone=backbone).model_path
-
-
-@pytest.fixture(scope="module")
-def image(dataset):
+def image(heart_phantoms):
     from sss_lib.volume_io import read_volume
 
-    return read_volume(dataset / "imagesTr" / "case_000_0000.nii.gz")
+    return read_volume(heart_phantoms / "imagesTr" / "case_000_0000.nii.gz")
 
 
 @pytest.fixture(scope="module")
-def session(model_path, backbone, image):
+def session(heart_task_model, backbone, image):
     from sss_lib.auto_segment import AutoSegmentSession, TaskRuntime
     from sss_lib.task_model import load_task_model
 
-    runtime = TaskRuntime.from_task_model(load_task_model(model_path), backbone=backbone)
+    runtime = TaskRuntime.from_task_model(load_task_model(heart_task_model), backbone=backbone)
     return AutoSegmentSession(image, runtime)
 
 
@@ -100,12 +83,12 @@ def test_a_deleted_class_is_left_out(session):
     assert result.recomputed == []  # the remaining classes kept their prompts
 
 
-def test_cli_round_trip_with_an_edited_prompts_file(model_path, dataset, tmp_path, capsys):
+def test_cli_round_trip_with_an_edited_prompts_file(heart_task_model, heart_phantoms, tmp_path, capsys):
     from sss_lib.volume_io import read_label, read_volume
 
-    image_path = dataset / "imagesTr" / "case_000_0000.nii.gz"
+    image_path = heart_phantoms / "imagesTr" / "case_000_0000.nii.gz"
     seg1, p1 = tmp_path / "seg1.nrrd", tmp_path / "p1.json"
-    assert main(["auto-segment", str(image_path), "--model", str(model_path), "-o", str(seg1),
+    assert main(["auto-segment", str(image_path), "--model", str(heart_task_model), "-o", str(seg1),
                  "--prompts-out", str(p1), "--device", "cpu"]) == 0
     assert "wrote" in capsys.readouterr().out
     assert read_label(seg1, read_volume(image_path)).voxels.dtype == np.uint8
@@ -117,7 +100,7 @@ def test_cli_round_trip_with_an_edited_prompts_file(model_path, dataset, tmp_pat
     target["prompts"][0]["box"] = [box[0] + 1, box[1], box[2] + 1, box[3]]  # moved by hand, source untouched
     (tmp_path / "edited.json").write_text(json.dumps(edited))
     seg2, p2 = tmp_path / "seg2.nii.gz", tmp_path / "p2.json"
-    assert main(["auto-segment", str(image_path), "--model", str(model_path), "-o", str(seg2),
+    assert main(["auto-segment", str(image_path), "--model", str(heart_task_model), "-o", str(seg2),
                  "--prompts-out", str(p2), "--prompts", str(tmp_path / "edited.json"), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert f"class {target['label']} " in out and "user" in out
@@ -128,11 +111,11 @@ def test_cli_round_trip_with_an_edited_prompts_file(model_path, dataset, tmp_pat
         assert again[c["label"]]["prompts"] == c["prompts"]
 
 
-def test_a_model_refuses_another_backbone(model_path, backbone):
+def test_a_model_refuses_another_backbone(heart_task_model, backbone):
     from sss_lib.auto_segment import TaskRuntime
     from sss_lib.task_model import BackboneRef, TaskModelError, load_task_model
 
-    model = load_task_model(model_path)
+    model = load_task_model(heart_task_model)
     other = dataclasses.replace(model, backbone=BackboneRef("sam2.1_hiera_tiny", "cd" * 32))
     with pytest.raises(TaskModelError, match="retrain the task model on this backbone"):
         TaskRuntime.from_task_model(other, backbone=backbone)
@@ -232,10 +215,10 @@ def test_a_boxes_only_run_carries_boxes_alone_and_restores_the_backbone():
         assert net.carry_points is True
 
 
-def test_cli_prompt_points_off_writes_prompts_without_points(model_path, dataset, tmp_path):
-    image_path = dataset / "imagesTr" / "case_000_0000.nii.gz"
+def test_cli_prompt_points_off_writes_prompts_without_points(heart_task_model, heart_phantoms, tmp_path):
+    image_path = heart_phantoms / "imagesTr" / "case_000_0000.nii.gz"
     prompts = tmp_path / "p.json"
-    assert main(["auto-segment", str(image_path), "--model", str(model_path), "-o", str(tmp_path / "seg.nrrd"),
+    assert main(["auto-segment", str(image_path), "--model", str(heart_task_model), "-o", str(tmp_path / "seg.nrrd"),
                  "--prompts-out", str(prompts), "--device", "cpu", "--prompt-points", "off"]) == 0
     written = [p for c in json.loads(prompts.read_text())["classes"] for p in c["prompts"]]
     assert written and all(p["box"] and not p["positive_points"] and not p["negative_points"] for p in written)

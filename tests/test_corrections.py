@@ -93,19 +93,8 @@ N, SIZE = 9, 48
 
 
 @pytest.fixture(scope="module")
-def sam2(two_torch_threads):
-    from sss_lib.backbones.sam2_backbone import build_sam2_backbone
-
-    # No early stop: random weights give arbitrary masks, so every run reaches its span's edge.
-    return build_sam2_backbone("sam2.1_hiera_tiny", image_size=64, random_init=True, stop_after_empty=None)
-
-
-@pytest.fixture(scope="module")
-def phantom() -> Volume:
-    rng = np.random.default_rng(3)
-    vox = rng.normal(100, 20, (N, SIZE, SIZE)).astype(np.float32)
-    vox[:, 12:30, 14:34] += 250
-    return Volume(vox, (1.0, 1.0, 3.0), (0.0, 0.0, 0.0), np.eye(3), "phantom")
+def phantom(bright_box_volume) -> Volume:
+    return bright_box_volume(N, SIZE, seed=3)
 
 
 def one_class(*prompts: SlicePrompt) -> PromptSet:
@@ -119,8 +108,8 @@ def changed_slices(a: np.ndarray, b: np.ndarray) -> list[int]:
     return [s for s in range(len(a)) if not np.array_equal(a[s], b[s])]
 
 
-def test_sam2_new_key_slice_changes_only_the_span_between_its_neighbours(sam2, phantom):
-    session = SegmentationSession(phantom, sam2)
+def test_sam2_new_key_slice_changes_only_the_span_between_its_neighbours(sam2_to_span_edge, phantom):
+    session = SegmentationSession(phantom, sam2_to_span_edge)
     first = [SlicePrompt(1, box=BOX), SlicePrompt(6, box=BOX)]
     session.segment(one_class(*first))
     before = session.class_logits(1).copy()
@@ -131,13 +120,13 @@ def test_sam2_new_key_slice_changes_only_the_span_between_its_neighbours(sam2, p
     assert set(changed_slices(before, after)) <= {2, 3, 4, 5}
     assert 3 in changed_slices(before, after)
     # Incremental equals from scratch: the kept slices are what a fresh run gives.
-    fresh = SegmentationSession(phantom, sam2, store=session.store)
+    fresh = SegmentationSession(phantom, sam2_to_span_edge, store=session.store)
     fresh.segment(one_class(*first, SlicePrompt(3, box=(15, 13, 30, 28))))
     np.testing.assert_array_equal(fresh.class_logits(1), after)
 
 
-def test_sam2_edit_at_one_end_changes_nothing_beyond_the_next_key_slice(sam2, phantom):
-    session = SegmentationSession(phantom, sam2)
+def test_sam2_edit_at_one_end_changes_nothing_beyond_the_next_key_slice(sam2_to_span_edge, phantom):
+    session = SegmentationSession(phantom, sam2_to_span_edge)
     keys = [SlicePrompt(2, box=BOX), SlicePrompt(4, box=BOX)]
     session.segment(one_class(*keys, SlicePrompt(7, box=BOX)))
     before = session.class_logits(1).copy()
@@ -145,7 +134,7 @@ def test_sam2_edit_at_one_end_changes_nothing_beyond_the_next_key_slice(sam2, ph
     assert result.recomputed_slices == {1: [5, 6, 7, 8]}
     assert set(changed_slices(before, session.class_logits(1))) <= {5, 6, 7, 8}
     # The user's key slice shows its own prompt's segmentation, not a propagated one.
-    own = sam2.segment_key(session.slices, session.embedding, 1, 7, [SlicePrompt(7, box=(10, 10, 40, 40))])
+    own = sam2_to_span_edge.segment_key(session.slices, session.embedding, 1, 7, [SlicePrompt(7, box=(10, 10, 40, 40))])
     np.testing.assert_array_equal(session.class_logits(1)[7], own.astype(np.float16))
 
 

@@ -83,20 +83,8 @@ BOX = (14, 12, 33, 29)
 
 
 @pytest.fixture(scope="module")
-def sam2(two_torch_threads):
-    from sss_lib.backbones.sam2_backbone import build_sam2_backbone
-
-    # No early stop: with random weights every run goes to its span's edge, so the markers are
-    # what ends the class.
-    return build_sam2_backbone("sam2.1_hiera_tiny", image_size=64, random_init=True, stop_after_empty=None)
-
-
-@pytest.fixture(scope="module")
-def phantom() -> Volume:
-    rng = np.random.default_rng(5)
-    vox = rng.normal(100, 20, (N, SIZE, SIZE)).astype(np.float32)
-    vox[:, 12:30, 14:34] += 250
-    return Volume(vox, (1.0, 1.0, 3.0), (0.0, 0.0, 0.0), np.eye(3), "phantom")
+def phantom(bright_box_volume) -> Volume:
+    return bright_box_volume(N, SIZE, seed=5)
 
 
 def reached(logits: np.ndarray) -> list[int]:
@@ -104,8 +92,8 @@ def reached(logits: np.ndarray) -> list[int]:
     return [s for s in range(len(logits)) if not np.all(logits[s] == np.float16(ABSENT_LOGIT))]
 
 
-def test_propagation_never_crosses_a_marker(sam2, phantom):
-    session = SegmentationSession(phantom, sam2)
+def test_propagation_never_crosses_a_marker(sam2_to_span_edge, phantom):
+    session = SegmentationSession(phantom, sam2_to_span_edge)
     session.segment(PromptSet(SliceAxis(2), [ClassPrompts(1, "a", [SlicePrompt(2, box=BOX)])]))
     assert reached(session.class_logits(1)) == list(range(N))
     unmarked = session.class_logits(1).copy()
@@ -122,12 +110,12 @@ def test_propagation_never_crosses_a_marker(sam2, phantom):
     assert result.recomputed_slices == {1: [3, 5, 6, 7]}
 
     # The backbone itself honours markers too (no engine).
-    steps = list(sam2.propagate(session.slices, session.embedding, {1: prompts}))
+    steps = list(sam2_to_span_edge.propagate(session.slices, session.embedding, {1: prompts}))
     assert sorted(st.slice_index for st in steps) == [0, 1, 2, 3, 5, 6, 7]
 
 
-def test_a_class_with_only_markers_is_empty_everywhere(sam2, phantom):
-    session = SegmentationSession(phantom, sam2)
+def test_a_class_with_only_markers_is_empty_everywhere(sam2_to_span_edge, phantom):
+    session = SegmentationSession(phantom, sam2_to_span_edge)
     prompts = PromptSet(SliceAxis(2), [
         ClassPrompts(1, "a", [SlicePrompt(3, box=BOX)]),
         ClassPrompts(2, "gone", [SlicePrompt.not_on_slice(3), SlicePrompt.not_on_slice(6)]),
@@ -135,7 +123,7 @@ def test_a_class_with_only_markers_is_empty_everywhere(sam2, phantom):
     result = session.segment(prompts)
     assert reached(session.class_logits(2)) == [] and result.slices_per_class[2] == []
     assert result.recomputed == [1, 2] and result.slices_per_class[1]
-    assert list(sam2.propagate(session.slices, session.embedding, {2: prompts.classes[1].prompts})) == []
+    assert list(sam2_to_span_edge.propagate(session.slices, session.embedding, {2: prompts.classes[1].prompts})) == []
 
 
 def test_litemedsam_marker_only_class_embeds_nothing():

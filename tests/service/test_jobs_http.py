@@ -59,19 +59,8 @@ def start_service(jobs: Path, root: Path, home: Path) -> LocalService:
         .wait_ready(timeout=240)
 
 
-def kill_trainers(jobs: Path) -> None:
-    """Leave no trainer behind (they run in their own sessions and outlive the server)."""
-    for record in (jobs / "jobs").glob("*/job.json"):
-        pid = json.loads(record.read_text()).get("pid")
-        if pid:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-
-
 @pytest.fixture(scope="module")
-def service(data, tmp_path_factory):
+def service(data, tmp_path_factory, kill_trainers):
     jobs = tmp_path_factory.mktemp("service") / "jobs"
     svc = start_service(jobs, data[1], jobs.parent / "home")
     yield svc, jobs
@@ -185,7 +174,7 @@ def test_ctrl_c_stops_the_job_and_resume_finishes_it(service, data, tmp_path):
     assert job["state"] == "done" and job["attempts"] == 2 and job["step"] == 14
 
 
-def test_server_killed_mid_job_then_restarted(data, tmp_path):
+def test_server_killed_mid_job_then_restarted(data, tmp_path, kill_trainers):
     jobs, home = tmp_path / "jobs", tmp_path / "home"
     svc = start_service(jobs, data[1], home)
     try:

@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from sss_lib.phantoms import make_phantom_dataset
 from sss_lib.service import protocol
-from sss_lib.trainer import TrainConfig, train_task_model
 
 from server_helpers import assert_error, open_session, run_to_end, upload
 
@@ -22,29 +19,15 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    return make_phantom_dataset(tmp_path_factory.mktemp("phantoms"), 2, seed=8, n_slices=5, size=(48, 48),
-                                spacing=(3.0, 3.0, 8.0))
-
-
-@pytest.fixture(scope="module")
-def model_path(dataset, backbone, tmp_path_factory) -> Path:
-    # The coarse head alone (the decoder stays as built): enough for PCSW to find the classes.
-    config = TrainConfig(dataset, tmp_path_factory.mktemp("model") / "heart.ssstask", iterations=100, seed=0,
-                         head_batch=5, head_width=16, lr_head=1e-2, train_decoder=False, val_cases=())
-    return train_task_model(config, backbone=backbone).model_path
-
-
-@pytest.fixture(scope="module")
-def case(dataset) -> dict[str, np.ndarray]:
+def case(heart_phantoms) -> dict[str, np.ndarray]:
     from sss_lib.volume_io import read_volume
 
-    v = read_volume(dataset / "imagesTr" / "case_000_0000.nii.gz")
+    v = read_volume(heart_phantoms / "imagesTr" / "case_000_0000.nii.gz")
     return {"voxels": v.voxels, "spacing": v.spacing, "origin": v.origin, "direction": v.direction}
 
 
-def test_models_are_uploaded_by_content_and_offered_by_name(api, model_path, models_dir):
-    data = model_path.read_bytes()
+def test_models_are_uploaded_by_content_and_offered_by_name(api, heart_task_model, models_dir):
+    data = heart_task_model.read_bytes()
     r = api.post("/models", content=data, headers={"Content-Type": protocol.OCTET_TYPE})
     assert r.status_code == 200, r.text
     model = r.json()
@@ -52,17 +35,17 @@ def test_models_are_uploaded_by_content_and_offered_by_name(api, model_path, mod
     assert [c["label"] for c in model["classes"]] == [1, 2, 3]
     assert api.post("/models", content=data).json()["model_id"] == model["model_id"]
 
-    shutil.copy(model_path, models_dir / "heart.ssstask")
+    shutil.copy(heart_task_model, models_dir / "heart.ssstask")
     listed = {m["name"]: m for m in api.get("/info").json()["models"]}
     assert listed["heart"]["model_id"] == model["model_id"] and len(listed["heart"]["classes"]) == 3
 
 
-def test_auto_segment_then_an_edited_class_recomputes_alone(api, model_path, models_dir, case):
-    shutil.copy(model_path, models_dir / "heart.ssstask")
+def test_auto_segment_then_an_edited_class_recomputes_alone(api, heart_task_model, models_dir, case):
+    shutil.copy(heart_task_model, models_dir / "heart.ssstask")
     volume = upload(api, case)
     sess = open_session(api, volume["volume_id"], task_model="heart")
     assert sess["kind"] == "task" and sess["backbone"] == "sam2.1_hiera_tiny"
-    assert sess["model_id"] == hashlib.sha256(model_path.read_bytes()).hexdigest()
+    assert sess["model_id"] == hashlib.sha256(heart_task_model.read_bytes()).hexdigest()
     assert_error(api.post(f"/sessions/{sess['session_id']}/segment", json={"prompts": {}}), 409, "wrong_session_kind")
 
     status, (patch, start, meta) = run_to_end(api, sess["session_id"], "auto-segment")

@@ -355,3 +355,35 @@ def install_application(monkeypatch, slicer, module: str, recorder) -> types.Mod
 def recorder(**extra) -> types.SimpleNamespace:
     return types.SimpleNamespace(errors=[], confirms=[], confirm_answer=True, selected=[], clipboard=[], settings={},
                                  **extra)
+
+
+class TrainPanel:
+    """SSSTrain's widget on stand-ins (``module`` from :func:`install_application`), plus what it
+    showed the user (``recorder``). ``poll_until`` drives the widget's timer by hand every
+    ``poll_interval`` seconds, for at most ``timeout`` seconds (``poll_timeout`` by default)."""
+
+    def __init__(self, module, recorder, poll_timeout: float = 60.0, poll_interval: float = 0.02):
+        self.module = module
+        self.recorder = recorder
+        self.poll_timeout = poll_timeout
+        self.poll_interval = poll_interval
+        self.widget = module.SSSTrainWidget()
+        self.widget.setup()
+        flush()
+
+    @property
+    def ui(self):
+        return self.widget.ui
+
+    def pn(self):
+        return self.widget._parameterNode
+
+    def poll_until(self, predicate, timeout: typing.Optional[float] = None) -> None:
+        import time
+
+        deadline = time.monotonic() + (self.poll_timeout if timeout is None else timeout)
+        while not predicate():
+            assert time.monotonic() < deadline, f"timed out; status: {self.ui.statusLabel.text!r}"
+            self.widget._poll()
+            flush()
+            time.sleep(self.poll_interval)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from panel_stubs import REPO, FakeTimer, flush, install_application, recorder as make_recorder
+from panel_stubs import REPO, FakeTimer, TrainPanel, flush, install_application, recorder as make_recorder
 
 pytestmark = pytest.mark.usefixtures("no_training_left_behind")
 
@@ -23,7 +23,7 @@ FAST = {"random_init": True, "image_size": 64, "threads": 1, "labeled_batch": 2,
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, kill_trainers):
     """A service with its own jobs folder, reached as a server (URL + token)."""
     from sss_lib.service.local import LocalService
 
@@ -33,42 +33,7 @@ def server(tmp_path_factory):
     service.start().wait_ready(300)
     yield service
     service.stop()
-    for record in jobs.glob("jobs/*/job.json"):  # trainers run in their own sessions: leave none behind
-        import json
-        import signal
-
-        pid = json.loads(record.read_text()).get("pid")
-        if pid:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-
-
-class Panel:
-    def __init__(self, module, recorder):
-        self.module = module
-        self.recorder = recorder
-        self.widget = module.SSSTrainWidget()
-        self.widget.setup()
-        flush()
-
-    @property
-    def ui(self):
-        return self.widget.ui
-
-    def pn(self):
-        return self.widget._parameterNode
-
-    def poll_until(self, predicate, timeout=600.0):
-        import time
-
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            assert time.monotonic() < deadline, f"timed out; status: {self.ui.statusLabel.text!r}"
-            self.widget._poll()
-            flush()
-            time.sleep(0.2)
+    kill_trainers(jobs)  # trainers run in their own sessions: leave none behind
 
 
 @pytest.fixture
@@ -89,7 +54,8 @@ def panel_factory(slicer_core, scene, monkeypatch, server):
                         lambda name: types.SimpleNamespace(getParameterNode=lambda: recorder.segment_parameters))
 
     def make():
-        return Panel(module, recorder)
+        # The real trainer behind a real service: slower than the stand-in trainer, so poll less often.
+        return TrainPanel(module, recorder, poll_timeout=600.0, poll_interval=0.2)
 
     yield make
     FakeTimer.pending.clear()

@@ -16,38 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from panel_stubs import REPO, FakeItem, FakeTimer, flush, install_application, recorder as make_recorder
+from panel_stubs import REPO, FakeItem, FakeTimer, TrainPanel, flush, install_application, recorder as make_recorder
 
 # A failing test must not leave a stand-in trainer running: tests/slicer/conftest.py.
 pytestmark = pytest.mark.usefixtures("no_training_left_behind")
-
-
-class Panel:
-    """SSSTrain's widget on stand-ins, plus what it showed the user."""
-
-    def __init__(self, module, recorder):
-        self.module = module
-        self.recorder = recorder
-        self.widget = module.SSSTrainWidget()
-        self.widget.setup()
-        flush()
-
-    @property
-    def ui(self):
-        return self.widget.ui
-
-    def pn(self):
-        return self.widget._parameterNode
-
-    def poll_until(self, predicate, timeout=60.0):
-        import time
-
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            assert time.monotonic() < deadline, f"timed out; status: {self.ui.statusLabel.text!r}"
-            self.widget._poll()
-            flush()
-            time.sleep(0.02)
 
 
 @pytest.fixture
@@ -64,7 +36,7 @@ def panel_factory(slicer_core, scene, monkeypatch, tmp_path):
                         classmethod(lambda cls, entry=None: testing.fake_logic(sss_lib_root=str(REPO))))
 
     def make():
-        panel = Panel(module, recorder)
+        panel = TrainPanel(module, recorder)
         panel.widget._dependenciesChecked = True  # torch & co. are this venv's
         return panel
 
