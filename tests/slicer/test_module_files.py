@@ -11,78 +11,10 @@ import importlib.util
 import sys
 import types
 import typing
-import unittest
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _stub_modules(slicer) -> dict[str, types.ModuleType]:
-    qt = types.ModuleType("qt")
-    ctk = types.ModuleType("ctk")
-
-    slm = types.ModuleType("slicer.ScriptedLoadableModule")
-
-    class ScriptedLoadableModule:
-        def __init__(self, parent):
-            self.parent = parent
-
-    class ScriptedLoadableModuleWidget:
-        def __init__(self, parent=None):
-            self.parent = parent
-
-    class ScriptedLoadableModuleLogic:
-        def __init__(self, parent=None):
-            self.parent = parent
-
-        def getParameterNode(self):
-            node = slicer.mrmlScene.GetSingletonNode("SSSSegment", "vtkMRMLScriptedModuleNode")
-            if node is None:
-                node = slicer.vtkMRMLScriptedModuleNode()
-                node.SetSingletonTag("SSSSegment")
-                node = slicer.mrmlScene.AddNode(node)
-            return node
-
-    class ScriptedLoadableModuleTest(unittest.TestCase):
-        def delayDisplay(self, message, requestedDelay=None, msec=None):
-            print(message)
-
-    for cls in (ScriptedLoadableModule, ScriptedLoadableModuleWidget, ScriptedLoadableModuleLogic, ScriptedLoadableModuleTest):
-        setattr(slm, cls.__name__, cls)
-
-    i18n = types.ModuleType("slicer.i18n")
-    i18n.tr = lambda text: text
-    i18n.translate = lambda context, text: text
-
-    pnw = types.ModuleType("slicer.parameterNodeWrapper")
-
-    class Choice:
-        def __init__(self, choices):
-            self.choices = list(choices)
-
-    def parameterNodeWrapper(cls):
-        hints = typing.get_type_hints(cls, include_extras=True)  # what the real decorator does first
-
-        def wrap(node):
-            wrapped = types.SimpleNamespace(node=node)
-            for name in hints:
-                setattr(wrapped, name, getattr(cls, name, None))
-            return wrapped
-
-        wrap.hints = hints
-        return wrap
-
-    class WithinRange:
-        def __init__(self, minimum, maximum):
-            self.minimum, self.maximum = minimum, maximum
-
-    pnw.parameterNodeWrapper = parameterNodeWrapper
-    pnw.Choice = Choice
-    pnw.WithinRange = WithinRange
-    return {"qt": qt, "ctk": ctk, "slicer.ScriptedLoadableModule": slm, "slicer.i18n": i18n,
-            "slicer.parameterNodeWrapper": pnw}
+from panel_stubs import REPO, make_slicer_stubs
 
 
 def _load(module: str):
@@ -94,8 +26,11 @@ def _load(module: str):
 
 @pytest.fixture
 def app(slicer_core, scene, monkeypatch):
-    for name, mod in _stub_modules(slicer_core).items():
+    # The application's stand-ins of the panel tests (the parameter node singleton tag of SSSSegment
+    # serves both modules here); Qt is an empty module: no widget is built.
+    for name, mod in make_slicer_stubs(slicer_core, "SSSSegment").items():
         monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setitem(sys.modules, "qt", types.ModuleType("qt"))
     monkeypatch.setattr(sys, "path", list(sys.path))
     return slicer_core
 
@@ -132,7 +67,7 @@ def test_segment_self_test_runs_the_scenarios(app):
     test.runTest()
     assert ran == ["panel"]
     logic = mod.SSSSegmentLogic()
-    assert logic.getParameterNode().node.GetSingletonTag() == "SSSSegment"
+    assert logic.getParameterNode().parameterNode.GetSingletonTag() == "SSSSegment"
 
 
 def test_train_module_loads_and_self_tests(app):
