@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..errors import SSSError
 from . import protocol
-from .auth import AuthMiddleware, Receive, Scope, Send, header, send_error
+from .auth import AuthMiddleware, Receive, Scope, Send, discard_body, header, send_error
 from .config import MB, ServiceConfig
 from .http_errors import ApiError, from_library_error
 from .state import ServiceState
@@ -35,8 +35,6 @@ _STATUS_CODES = {400: "bad_request", 401: "missing_token", 403: "forbidden", 404
 
 
 #: After a body passes the limit, what is still sent is read and dropped, up to these bounds.
-DISCARD_BYTES = 64 * MB
-DISCARD_S = 5.0
 
 
 class BodyTooLarge(StarletteHTTPException):
@@ -79,7 +77,7 @@ class BodyLimitMiddleware:
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     if message.get("more_body", False):
-                        await _discard_rest(receive)
+                        await discard_body(receive)
                     raise BodyTooLarge(413, too_large_message(self.max_bytes))
             return message
 
@@ -94,27 +92,6 @@ class BodyLimitMiddleware:
         except BodyTooLarge:
             if not started:
                 await send_error(send, 413, "too_large", too_large_message(self.max_bytes), close=True)
-
-
-async def _discard_rest(receive: Receive) -> None:
-    """Read and drop what the client is still sending (at most :data:`DISCARD_BYTES` or
-    :data:`DISCARD_S`), nothing kept: closing a socket with unread data resets the connection,
-    and the client would lose the 413 answer."""
-    dropped = 0
-    deadline = asyncio.get_running_loop().time() + DISCARD_S
-    while dropped < DISCARD_BYTES:
-        left = deadline - asyncio.get_running_loop().time()
-        if left <= 0:
-            return
-        try:
-            message = await asyncio.wait_for(receive(), left)
-        except asyncio.TimeoutError:
-            return
-        if message["type"] != "http.request":
-            return
-        dropped += len(message.get("body", b""))
-        if not message.get("more_body", False):
-            return
 
 
 def _error_response(status: int, code: str, message: str) -> JSONResponse:

@@ -1,6 +1,6 @@
 """Who may talk to the service: the bearer token (constant-time compare) and the API version.
 
-:class:`AuthMiddleware` is plain ASGI, so it answers before any route runs or any body is read:
+:class:`AuthMiddleware` is plain ASGI, so it answers before any route runs or any body is parsed:
 no ``Authorization: Bearer TOKEN`` -> 401, a wrong token -> 403, ``X-SSS-API-Version`` naming
 another major version -> 409. The OpenAPI schema and its docs page are readable without a token
 (a browser cannot send one; they hold no data).
@@ -8,6 +8,7 @@ another major version -> 409. The OpenAPI schema and its docs page are readable 
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from typing import Any, Awaitable, Callable
@@ -21,6 +22,10 @@ PUBLIC_PATHS = frozenset({f"{protocol.API_PREFIX}/openapi.json", f"{protocol.API
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+#: How much of a refused request's body is read and dropped before answering, at most.
+DISCARD_BYTES = 64 * 1024 * 1024
+DISCARD_S = 5.0
 
 
 def check_token(authorization: str | None, token: str) -> tuple[int, str, str] | None:
@@ -57,6 +62,27 @@ async def send_error(send: Send, status: int, code: str, message: str, *, close:
     await send({"type": "http.response.body", "body": body})
 
 
+async def discard_body(receive: Receive) -> None:
+    """Read and drop what the client is still sending (at most :data:`DISCARD_BYTES` or
+    :data:`DISCARD_S`), nothing kept: closing a socket with unread data resets the connection,
+    and the client would lose the error answer before reading it."""
+    dropped = 0
+    deadline = asyncio.get_running_loop().time() + DISCARD_S
+    while dropped < DISCARD_BYTES:
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            return
+        try:
+            message = await asyncio.wait_for(receive(), left)
+        except asyncio.TimeoutError:
+            return
+        if message["type"] != "http.request":
+            return
+        dropped += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
 class AuthMiddleware:
     """ASGI middleware: token, then API version, on every HTTP request but :data:`PUBLIC_PATHS`."""
 
@@ -76,8 +102,12 @@ class AuthMiddleware:
             if mismatch is not None:
                 refused = (409, "version_mismatch", mismatch)
         if refused is not None:
-            # The body (if any) is not read: close the connection rather than drain it.
-            await send_error(send, *refused, close=header(scope, "content-length") not in (None, "0")
-                             or header(scope, "transfer-encoding") is not None)
+            has_body = header(scope, "content-length") not in (None, "0") or \
+                header(scope, "transfer-encoding") is not None
+            if has_body:
+                # Drained (bounded, never kept) so that the client reads the answer instead of a
+                # connection reset; the connection is closed after it all the same.
+                await discard_body(receive)
+            await send_error(send, *refused, close=has_body)
             return
         await self.app(scope, receive, send)

@@ -34,6 +34,9 @@ def test_token_and_version_are_checked(main_server):
     with main_server.client(Authorization="Bearer " + "x" * 43) as c:
         assert_error(c.get("/info"), 403, "bad_token")
         assert_error(c.post("/volumes", content=b"whatever"), 403, "bad_token")  # before the body is looked at
+        # A refused upload's body is drained, not left unread: the client gets the 403, never a reset.
+        for _ in range(5):
+            assert_error(c.post("/volumes", content=b"x" * (2 << 20)), 403, "bad_token")
     with main_server.client(**{protocol.VERSION_HEADER: "2"}) as c:
         err = assert_error(c.get("/info"), 409, "version_mismatch")
         assert "SSS API 1, the client 2" in err["message"]
