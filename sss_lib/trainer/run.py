@@ -113,6 +113,17 @@ def add_train_arguments(tr: argparse.ArgumentParser) -> None:
                     help="drop a class from the unsupervised loss when its validation Dice falls below its "
                          "warm-up value by --guard-margin, and reset the teacher to the best weights (default: on)")
     tr.add_argument("--guard-margin", type=float, default=0.05, help="see --class-guard (default: 0.05 Dice)")
+    tr.add_argument("--adaptive-thresholds", action="store_true",
+                    help="class-wise adaptive confidence thresholds: --confidence scaled per class by the teacher's "
+                         "confidence in that class, so a class it is rarely sure of is not erased (default: off)")
+    tr.add_argument("--adaptive-floor", type=float, default=0.5,
+                    help="lowest class threshold with --adaptive-thresholds (default: 0.5)")
+    tr.add_argument("--dfe-to-decoder", action="store_true",
+                    help="the mask decoder's consistency decodes the DFE-enhanced strong features "
+                         "(default: DFE feeds the coarse head only)")
+    tr.add_argument("--memory-path", action="store_true",
+                    help="SAM-2 only: pseudo-labels from memory propagation and decoder consistency on "
+                         "memory-conditioned features (default: key-slice decodes of every slice)")
     tr.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
@@ -144,6 +155,8 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201 - SemiSupConfig,
         decoder_agreement=not args.no_decoder_agreement, lr_dfe=args.lr_dfe,
         unsup_decoder_classes=args.unsup_decoder_classes, unsup_head_weight=args.unsup_head_weight,
         unsup_decoder_weight=args.unsup_decoder_weight, class_guard=args.class_guard, guard_margin=args.guard_margin,
+        adaptive_thresholds=args.adaptive_thresholds, adaptive_floor=args.adaptive_floor,
+        dfe_to_decoder=args.dfe_to_decoder, memory_path=args.memory_path,
     )
 
 

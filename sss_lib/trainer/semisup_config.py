@@ -131,6 +131,23 @@ class SemiSupConfig:
             the best validated weights. Needs validation cases; one process only (with several it
             is turned off, with a warning).
         guard_margin: see ``class_guard``.
+        adaptive_thresholds: **(ours)** class-wise adaptive confidence thresholds
+            (:mod:`sss_lib.semisup.thresholds`, FreeMatch style): each class's threshold is
+            ``confidence`` scaled by the teacher's per-class confidence EMA (the surest class keeps
+            ``confidence``), never below ``adaptive_floor``, so that a class the teacher is rarely
+            sure of (a thin ring) keeps pixels in the consistency loss instead of being erased.
+            Beside ``class_guard``, not instead of it. With several processes each keeps its own levels.
+        adaptive_floor: the lowest class threshold with ``adaptive_thresholds``.
+        dfe_to_decoder: the mask decoder's consistency decodes the strong view's DFE-enhanced
+            features (SSS_METHOD.md section 3, last line), so DFE also learns through the decoder;
+            False (default): DFE reaches the coarse head only and the decoder reads the strong view's
+            own features. **(ours)** Labeled slices, the teacher and inference still decode the
+            backbone's own features.
+        memory_path: SAM-2 backbones only: the teacher's pseudo-label of a slice is SAM-2's memory
+            propagation from PCSW's key slice (what Auto-segment gives there), and the decoder's
+            consistency decodes the slice's memory-conditioned features
+            (:mod:`sss_lib.trainer.sam2_memory`); False (default): both use a memory-free key-slice
+            decode of every slice from its own prompt. Needs PCSW.
         strong: the strong augmentation's settings.
     """
 
@@ -165,6 +182,10 @@ class SemiSupConfig:
     unsup_decoder_classes: int | None = None
     class_guard: bool = True
     guard_margin: float = 0.05
+    adaptive_thresholds: bool = False
+    adaptive_floor: float = 0.5
+    dfe_to_decoder: bool = False
+    memory_path: bool = False
     strong: StrongViewSettings = dataclasses.field(default_factory=StrongViewSettings)
 
     def __post_init__(self) -> None:
@@ -189,6 +210,8 @@ class SemiSupConfig:
             (self.unsup_decoder_classes is None or self.unsup_decoder_classes >= 0,
              "unsup_decoder_classes must be >= 0"),
             (0.0 <= self.guard_margin <= 1.0, "guard_margin must lie in [0, 1]"),
+            (0.0 <= self.adaptive_floor <= self.confidence, "adaptive_floor must lie in [0, confidence]"),
+            (not (self.memory_path and not self.use_pcsw), "memory_path needs PCSW's key slices (drop --no-pcsw)"),
         ]
         for ok, problem in checks:
             if not ok:
