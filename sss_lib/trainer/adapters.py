@@ -131,6 +131,13 @@ class DecoderAdapter:
         """Network-frame maps ``(N, C, h, w)`` -> ``(N, C, H, W)`` on the slice grid (the backbone's rule)."""
         return self.backbone.to_slice_grid(maps, embedding, tuple(shape_hw))  # type: ignore[attr-defined]
 
+    def with_features(self, embedding: Any, features: Sequence[torch.Tensor]) -> Any:
+        """``embedding`` with its features replaced by ``features`` (the form :meth:`coarse_features`
+        gives, e.g. DFE-enhanced), which :meth:`decode` then decodes, gradients included."""
+        feats = tuple(features)
+        single = isinstance(embedding.features, torch.Tensor)  # LiteMedSAM: one map, not a tuple
+        return dataclasses.replace(embedding, features=feats[0] if single else feats)
+
     # -- decoding --------------------------------------------------------------------------------
     def decode(self, embedding: Any, shape_hw: tuple[int, int], box: Box | None,
                positive: Sequence[Point] = (), negative: Sequence[Point] = ()) -> DecodeOutput:
