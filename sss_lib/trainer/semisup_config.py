@@ -137,7 +137,7 @@ class SemiSupConfig:
             ``confidence``), never below ``adaptive_floor``, so that a class the teacher is rarely
             sure of (a thin ring) keeps pixels in the consistency loss instead of being erased.
             Beside ``class_guard``, not instead of it. With several processes each keeps its own levels.
-        adaptive_floor: the lowest class threshold with ``adaptive_thresholds``.
+        adaptive_floor: the lowest class threshold with ``adaptive_thresholds`` (at most ``confidence``).
         dfe_to_decoder: the mask decoder's consistency decodes the strong view's DFE-enhanced
             features (SSS_METHOD.md section 3, last line), so DFE also learns through the decoder;
             False (default): DFE reaches the coarse head only and the decoder reads the strong view's
@@ -210,7 +210,7 @@ class SemiSupConfig:
             (self.unsup_decoder_classes is None or self.unsup_decoder_classes >= 0,
              "unsup_decoder_classes must be >= 0"),
             (0.0 <= self.guard_margin <= 1.0, "guard_margin must lie in [0, 1]"),
-            (0.0 <= self.adaptive_floor <= self.confidence, "adaptive_floor must lie in [0, confidence]"),
+            (0.0 <= self.adaptive_floor <= 1.0, "adaptive_floor must lie in [0, 1]"),
             (not (self.memory_path and not self.use_pcsw), "memory_path needs PCSW's key slices (drop --no-pcsw)"),
         ]
         for ok, problem in checks:
