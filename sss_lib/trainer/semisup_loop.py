@@ -380,7 +380,8 @@ class _Run:
             optimizer=stepper.optimizer.state_dict(),
             ema=stepper.teacher.state_dict() if stepper.teacher is not None else None,
             rng=capture_rng_state(stepper.generators), data=stepper.order.state_dict(),
-            extra={"best_dice": self.best_dice, "best_step": self.best_step, "guard": stepper.guard_state()},
+            extra={"best_dice": self.best_dice, "best_step": self.best_step, "guard": stepper.guard_state(),
+                   "thresholds": stepper.thresholds.state_dict() if stepper.thresholds is not None else None},
         )
 
     def _save(self, stepper: SemiSupStepper, step: int) -> None:
@@ -405,6 +406,8 @@ class _Run:
                                "Resume with the settings the run was started with, or start a new run.") from err
         extra = state.get("extra") or {}
         stepper.load_guard_state(extra.get("guard"))
+        if stepper.thresholds is not None and extra.get("thresholds"):
+            stepper.thresholds.load_state_dict(extra["thresholds"])
         self.best_dice = extra.get("best_dice")
         self.best_step = extra.get("best_step")
         step = int(state["step"])

@@ -51,6 +51,7 @@ from ..backbones.base import ABSENT_LOGIT
 from ..semisup import EmaTeacher, confidence_mask, masked_cross_entropy, object_probabilities
 from ..semisup import unsupervised_weight, with_background_logit
 from ..semisup.guard import ClassGuard, guarded_trust
+from ..semisup.thresholds import ClassThresholds
 from .adapters import DecoderAdapter
 from .data import LabeledCase
 from .distributed import DistContext
@@ -171,6 +172,9 @@ class SemiSupStepper:
         self.guard = ClassGuard(ctx.labels, cfg.warmup, cfg.guard_margin) \
             if cfg.semi_supervised and cfg.class_guard and not ctx.dist.distributed else None
         self.anchor: nn.ModuleDict | None = None
+        #: Class-wise adaptive confidence thresholds (``SemiSupConfig.adaptive_thresholds``).
+        self.thresholds = ClassThresholds(len(ctx.labels) + 1, cfg.confidence, min(cfg.adaptive_floor, cfg.confidence)) \
+            if cfg.semi_supervised and cfg.adaptive_thresholds else None
 
     # -- state -------------------------------------------------------------------------------------
     @property
@@ -217,6 +221,8 @@ class SemiSupStepper:
                "mask_ratio": stats.get("mask_ratio", float("nan"))}
         row.update({k: v for k, v in stats.items() if k not in row})
         row["lr"] = self.optimizer.param_groups[-1]["lr"]
+        if self.thresholds is not None:
+            row["threshold_min"] = float(self.thresholds.thresholds().min())
         return row
 
     def snapshot_anchor(self) -> nn.ModuleDict:
@@ -340,7 +346,7 @@ class SemiSupStepper:
         enhanced2 = self._enhance(f_w2, f_s2)
         head1 = self._head_consistency(enhanced1, weak, [t.pseudo for t in targets], [t.trusted for t in targets])
         head2 = self._head_consistency(enhanced2, weak, pseudo2, trusted2)
-        dec = self._decoder_consistency(strong1, targets, [class_order[i] for i in local])
+        dec = self._decoder_consistency(self._decoder_views(strong1, enhanced1), targets, [class_order[i] for i in local])
         per_sample = cfg.unsup_head_weight * (head1 + head2) / 2 + cfg.unsup_decoder_weight * dec
         loss = per_sample.mean()
         ratio = float(np.mean([t.trusted.float().mean().item() for t in targets]))
@@ -359,6 +365,14 @@ class SemiSupStepper:
         if "dfe" not in self.student:
             return s
         return self.student["dfe"](w, s).features
+
+    def _decoder_views(self, strong: list[Any], enhanced: list[torch.Tensor]) -> list[Any]:
+        """What the decoder's consistency decodes: the strong views as cached or, with
+        ``SemiSupConfig.dfe_to_decoder``, with DFE's enhanced features (``enhanced``: per level
+        ``(B, C_l, h_l, w_l)``, sample n = ``strong[n]``) in place of their own."""
+        if not self.cfg.dfe_to_decoder or "dfe" not in self.student:
+            return strong
+        return [self.adapter.with_features(e, [f[n:n + 1] for f in enhanced]) for n, e in enumerate(strong)]
 
     def _head_consistency(self, feats: list[torch.Tensor], embs: list[Any], pseudo: list[torch.Tensor],
                           trusted: list[torch.Tensor]) -> torch.Tensor:
@@ -431,13 +445,24 @@ class SemiSupStepper:
                 for label, p in plan.prompts.items():
                     decoded = self.adapter.decode(emb, (h, w), p.box, p.positive, p.negative)
                     logits[0, self.ctx.labels.index(label)] = decoded.logits.float()
-                pseudo, trusted = teacher_targets(logits, plan.untrusted, cfg.confidence)
+                pseudo, trusted = self._targets(logits, plan.untrusted)
                 if self.guard is not None and self.guard.dropped:
                     trusted = guarded_trust(trusted, pseudo, self.guard.dropped_channels(),
                                             self._anchor_channels(emb, (h, w)))
                 decoder_trusted = agreeing(pseudo, trusted, coarse[(c, s)]) if cfg.decoder_agreement else trusted
                 out.append(Targets(pseudo, trusted, plan, decoder_trusted))
         return out
+
+
+    def _targets(self, logits: torch.Tensor, untrusted: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`teacher_targets`, or with class-wise adaptive thresholds (fed this slice first)."""
+        if self.thresholds is None:
+            return teacher_targets(logits, untrusted, self.cfg.confidence)
+        probs = object_probabilities(logits)
+        keep = ~torch.as_tensor(np.asarray(untrusted, bool), device=probs.device)
+        self.thresholds.update(probs, keep[None])
+        pseudo, trusted = self.thresholds.trust(probs)
+        return pseudo[0], trusted[0] & keep
 
 
 def coarse_channels(probabilities: dict[int, np.ndarray], slice_index: int, labels: Sequence[int]) -> np.ndarray:
