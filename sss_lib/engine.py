@@ -44,7 +44,7 @@ import numpy as np
 
 from .backbones.base import ABSENT_LOGIT, Backbone
 from .backbones.spans import ClassPlan, Span, plan_class
-from .embedding_cache import EmbeddingKey, EmbeddingStore
+from .embedding_cache import EmbeddingKey, EmbeddingStore, default_ram_bytes
 from .errors import Cancelled, PromptError
 from .preprocess import Preprocessing, intensity_range, normalise_stack
 from .prompts import PromptSet
@@ -144,7 +144,8 @@ class SegmentationSession:
         backbone: a built :class:`~sss_lib.backbones.base.Backbone`.
         slice_axis: the stack axis; default: the axis of largest spacing.
         preprocessing: the intensity rule (see :mod:`sss_lib.preprocess`).
-        store: an embedding store to share between sessions; a private one by default.
+        store: an embedding store to share between sessions; a private one by default, with a disk
+            tier past :func:`~sss_lib.embedding_cache.default_ram_bytes` on a CPU.
     """
 
     def __init__(
@@ -162,7 +163,11 @@ class SegmentationSession:
         self.preprocessing = preprocessing or Preprocessing()
         low, high = intensity_range(volume.voxels, self.preprocessing)
         self.slices = normalise_stack(self.slice_axis.to_stack(volume.voxels), low, high)
-        self.store = store or EmbeddingStore()
+        # A private store keeps at most default_ram_bytes() of a CPU backbone's embeddings in RAM and
+        # the rest in a spool file (a 300-slice CT at 1024 px holds 2.3 GB of SAM-2 embeddings).
+        device = getattr(backbone, "device", "cpu")
+        device_type = str(getattr(device, "type", device)).split(":")[0]
+        self.store = store or EmbeddingStore(ram_bytes=default_ram_bytes(device_type))
         self.key = EmbeddingKey(
             volume.content_hash(), backbone.cache_key(), self.preprocessing.key(), self.slice_axis.axis
         )
