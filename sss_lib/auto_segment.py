@@ -130,6 +130,9 @@ class TaskRuntime:
         adapter = adapter_for(net)
         try:
             adapter.load_state_dicts({c: model.weights[c] for c in ("prompt_encoder", "mask_decoder")})
+            from .trainer.encoder_tuning import apply_task_encoder  # tuned encoder blocks, or the backbone's own
+
+            apply_task_encoder(net, model.encoder_tuning, model.weights.get("image_encoder"))
             head = CoarseHead.from_state_dict(model.weights["coarse_head"])
             if "dfe" in model.weights:
                 from .semisup.dfe import DFE, DfeCoarseHead

@@ -50,7 +50,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORMAT_NAME = "sss-task-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Files without tuned image-encoder blocks are still written as version 1, so older SSS reads them;
+#: a model with them (:class:`EncoderTuning`) is version 2, which an older SSS refuses instead of
+#: running the frozen encoder with a decoder trained on tuned features.
+PLAIN_FORMAT_VERSION = 1
 SUFFIX = ".ssstask"
 MANIFEST = "sss_task_model.json"
 
@@ -154,6 +158,24 @@ class ValidationMetrics:
         return float(np.mean(list(self.dice.values()))) if self.dice else float("nan")
 
 
+@dataclasses.dataclass(frozen=True)
+class EncoderTuning:
+    """The image encoder's last blocks, trained with the task (component ``image_encoder``).
+
+    Attributes:
+        blocks: how many of the encoder's last transformer blocks were trained (LiteMedSAM: TinyViT
+            blocks; SAM-2: Hiera blocks); the component holds their state dict, keys relative to
+            the tuned tail (:mod:`sss_lib.trainer.encoder_tuning`).
+        lora_rank: 0: the blocks' own weights trained; > 0: low-rank adapters of this rank on
+            every linear layer of the blocks (the blocks' weights stay the backbone's).
+        lora_alpha: the adapters' scale is ``lora_alpha / lora_rank``.
+    """
+
+    blocks: int
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+
+
 # Weights: component -> state-dict key -> array.
 Weights = dict[str, dict[str, np.ndarray]]
 
@@ -177,6 +199,8 @@ class TaskModel:
             labeled cases (the myocardium's ring around the LV cavity), measured by
             :func:`sss_lib.rings.measure_nesting`; Auto-segment uses it to restore rings that boxes
             fill. Files written before it existed load with ``{}`` (no rule).
+        encoder_tuning: how the ``image_encoder`` component was trained (None: no such component;
+            the backbone's image encoder runs as shipped).
     """
 
     backbone: BackboneRef
@@ -188,6 +212,7 @@ class TaskModel:
     validation: ValidationMetrics | None
     weights: Weights
     nesting: dict[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    encoder_tuning: EncoderTuning | None = None
 
     @property
     def class_names(self) -> dict[int, str]:
@@ -217,6 +242,7 @@ class TaskModel:
         _check_classes(self.classes, source)
         _check_settings(self, source)
         _check_weights(self.weights, source)
+        _check_encoder_tuning(self, source)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -233,7 +259,8 @@ def save_task_model(model: TaskModel, path: str | Path) -> Path:
               for comp, sd in model.weights.items()}
     checked = dataclasses.replace(model, weights=arrays)
     checked.validate(path)
-    manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **_metadata_to_json(checked)}
+    version = FORMAT_VERSION if checked.encoder_tuning is not None else PLAIN_FORMAT_VERSION
+    manifest = {"format": FORMAT_NAME, "format_version": version, **_metadata_to_json(checked)}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     os.close(fd)
@@ -359,6 +386,21 @@ def _check_weights(weights: Mapping[str, Mapping[str, np.ndarray]], source: obje
                                      "Training diverged; use an earlier checkpoint.")
 
 
+def _check_encoder_tuning(model: TaskModel, source: object) -> None:
+    tuning, has_weights = model.encoder_tuning, bool(model.weights.get("image_encoder"))
+    if tuning is None and has_weights:
+        raise TaskModelError(source, "holds image_encoder weights but does not say which blocks they are",
+                             "Re-export the task model from SSSTrain.")
+    if tuning is None:
+        return
+    if not has_weights:
+        raise TaskModelError(source, f"says {tuning.blocks} image-encoder block(s) were trained but holds no "
+                             "image_encoder weights", "Re-export the task model from SSSTrain.")
+    if tuning.blocks < 1 or tuning.lora_rank < 0 or (tuning.lora_rank > 0 and not tuning.lora_alpha > 0):
+        raise TaskModelError(source, f"encoder tuning settings are out of range ({tuning})",
+                             "Re-export the task model from SSSTrain.")
+
+
 def _as_array(value: Any, name: str) -> np.ndarray:
     if hasattr(value, "detach"):  # a torch tensor; numpy cannot hold bfloat16
         t = value.detach().cpu()
@@ -375,9 +417,9 @@ def _as_array(value: Any, name: str) -> np.ndarray:
 # Metadata <-> JSON (typed, through the dataclasses' annotations)
 # ------------------------------------------------------------------------------------------------
 _META_FIELDS = ("backbone", "classes", "preprocessing", "pcsw", "volume_ranges_mm3", "training", "validation",
-                "nesting")
+                "nesting", "encoder_tuning")
 #: Fields added after format version 1 was first written: a factory of what their absence means.
-_OPTIONAL_FIELDS: dict[str, Any] = {"nesting": dict}
+_OPTIONAL_FIELDS: dict[str, Any] = {"nesting": dict, "encoder_tuning": lambda: None}
 
 
 def _metadata_to_json(model: TaskModel) -> dict[str, Any]:

@@ -210,7 +210,8 @@ def test_edited_manifest_without_new_hash_is_damage(tmp_path):
 
 def test_newer_format_missing_fields_and_wrong_types(tmp_path):
     p = tmp_path / "m.ssstask"
-    with pytest.raises(TaskModelError, match=r"newer SSS \(task model format 2; this SSS reads format 1"):
+    with pytest.raises(TaskModelError, match=rf"newer SSS \(task model format {FORMAT_VERSION + 1}; this SSS reads "
+                                             rf"format {FORMAT_VERSION}"):
         load_task_model(rewrite(p, lambda m: m.update(format_version=FORMAT_VERSION + 1)))
     with pytest.raises(TaskModelError, match=r"lacks the field\(s\) backbone, training\.seed\."):
         load_task_model(rewrite(p, lambda m: (m["training"].pop("seed"), m.pop("backbone"))))

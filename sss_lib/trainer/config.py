@@ -52,6 +52,16 @@ class TrainConfig:
         jitter: how prompts are drawn from the labels.
         train_decoder: False trains the coarse head only (the backbone's decoder stays as shipped).
         val_every: validate every N steps (None: four times per run, and at the end).
+
+    Switches (off by default; the SSL protocol's ablation rows say what each does):
+        weak_views: weak views (random zoom/crop, flip, small rotation) per labeled training case,
+            each embedded once and sampled with the originals (:mod:`.labeled_aug`); each costs one
+            embedding per labeled slice. 0: the labeled slices as they are.
+        encoder_blocks: train the image encoder's last N blocks too (:mod:`.encoder_tuning`; the
+            task model then carries them and inference runs its encoder in torch). 0: frozen.
+        encoder_lora_rank: > 0 trains low-rank adapters of this rank on the blocks' linear layers
+            instead of the blocks' own weights; ``encoder_lora_alpha`` scales them (alpha / rank).
+        lr_encoder: AdamW learning rate of the encoder blocks (or adapters).
     """
 
     labeled: Path
@@ -86,6 +96,11 @@ class TrainConfig:
     jitter: PromptJitter = dataclasses.field(default_factory=PromptJitter)
     train_decoder: bool = True
     val_every: int | None = None
+    weak_views: int = 0
+    encoder_blocks: int = 0
+    encoder_lora_rank: int = 0
+    encoder_lora_alpha: float = 8.0
+    lr_encoder: float = 1e-5
 
     def __post_init__(self) -> None:
         self.labeled = Path(self.labeled)
@@ -99,6 +114,10 @@ class TrainConfig:
             (0.0 <= self.ended_fraction <= 1.0, "ended_fraction must lie in [0, 1]"),
             (self.val_every is None or self.val_every >= 1, "val_every must be at least 1"),
             (self.max_cases is None or self.max_cases >= 1, "max_cases must be at least 1"),
+            (self.weak_views >= 0, "weak_views must be 0 (off) or more"),
+            (self.encoder_blocks >= 0 and self.encoder_lora_rank >= 0, "encoder_blocks and encoder_lora_rank "
+             "must be 0 (off) or more"),
+            (self.lr_encoder > 0 and self.encoder_lora_alpha > 0, "lr_encoder and encoder_lora_alpha must be positive"),
         ]
         for ok, message in checks:
             if not ok:

@@ -43,6 +43,8 @@ from ..task_model import (
 from .adapters import DecoderAdapter, adapter_for
 from .config import TrainConfig, TrainEvent, TrainResult, ValidationRecord
 from .data import LabeledCase, class_labels, embed_cases, load_case, split_cases
+from .encoder_tuning import start_training, uninstall_tuned
+from .labeled_aug import switch_notes, training_set
 from .losses import coarse_loss, mask_loss
 from .samples import ClassIndex, draw_samples
 
@@ -95,6 +97,7 @@ def train_task_model(
         return _train(config, net, adapter, dataset, labeled, train_ids, val_ids, progress, should_cancel, t_start)
     finally:
         undo()
+        uninstall_tuned(net)
         adapter.load_state_dicts(original)
         for m in adapter.modules().values():
             for p in m.parameters():
@@ -134,7 +137,16 @@ def _train(config: TrainConfig, net: Backbone, adapter: DecoderAdapter, dataset:
 
     carry = config.carry_fraction if config.carry_fraction is not None else (0.5 if adapter.carries_boxes else 0.0)
     points = config.carry_points if config.carry_points is not None else adapter.carries_points
-    trainer = _Trainer(config, adapter, head, train, labels, carry, points)
+    # Switches: weak views of the labeled cases, the encoder's last blocks (both off by default).
+    encoder = start_training(net, config)
+    t0 = time.perf_counter()
+    samples = training_set(train, config, net, encoder, _embed_progress(progress), should_cancel)
+    t_embed += time.perf_counter() - t0
+    trainer = _Trainer(config, adapter, head, samples, labels, carry, points)
+    if encoder is not None:
+        trainer.encoder_tail = encoder.tail
+        trainer.optimizer.add_param_group({"params": encoder.parameters(), "lr": config.lr_encoder})
+        trainer.base_lrs.append(config.lr_encoder)
     validator = _Validator(val, adapter, head, task_classes, prep, config, ranges, store, nesting)
 
     val_every = config.val_every or max(1, config.iterations // 4)
@@ -173,9 +185,11 @@ def _train(config: TrainConfig, net: Backbone, adapter: DecoderAdapter, dataset:
 
     weights = {"coarse_head": {k: v.detach().cpu() for k, v in head.state_dict().items()},
                **adapter.state_dicts()}
+    if encoder is not None:
+        weights["image_encoder"] = {k: v.detach().cpu() for k, v in encoder.tail.state_dict().items()}
     notes = (f"supervised; backbone decoder {'fine-tuned' if config.train_decoder else 'as shipped'}; "
              f"kept step {best_step}; train cases: {', '.join(c.case_id for c in train)}; "
-             f"validation cases: {', '.join(c.case_id for c in val) or 'none'}")
+             f"validation cases: {', '.join(c.case_id for c in val) or 'none'}; {switch_notes(config)}")
     model = TaskModel(
         backbone=BackboneRef(net.name, net.weights_sha256),
         classes=task_classes,
@@ -187,6 +201,7 @@ def _train(config: TrainConfig, net: Backbone, adapter: DecoderAdapter, dataset:
         validation=validation,
         weights=weights,  # type: ignore[arg-type]
         nesting=nesting,
+        encoder_tuning=encoder.tuning if encoder is not None else None,
     )
     path = save_task_model(model, config.out)
     seconds = time.perf_counter() - t_start
@@ -230,6 +245,8 @@ class _Trainer:
         self.slices = [(c, s) for c, case in enumerate(self.cases) for s in range(case.n_slices)]
         self.stacks = [c.labels for c in self.cases]
         self.index = ClassIndex.build(self.stacks, labels)
+        #: the image encoder's trained tail (:mod:`.encoder_tuning`), or None
+        self.encoder_tail: torch.nn.Module | None = None
 
         for module in adapter.modules().values():
             module.requires_grad_(False)
@@ -298,12 +315,17 @@ class _Trainer:
         return total / len(samples), float(np.mean(ious))
 
     def snapshot(self) -> dict:
-        return {"coarse_head": {k: v.detach().clone() for k, v in self.head.state_dict().items()},
-                **self.adapter.state_dicts()}
+        state = {"coarse_head": {k: v.detach().clone() for k, v in self.head.state_dict().items()},
+                 **self.adapter.state_dicts()}
+        if self.encoder_tail is not None:
+            state["image_encoder"] = {k: v.detach().clone() for k, v in self.encoder_tail.state_dict().items()}
+        return state
 
     def restore(self, state: dict) -> None:
         self.head.load_state_dict(state["coarse_head"])
-        self.adapter.load_state_dicts({k: v for k, v in state.items() if k != "coarse_head"})
+        if self.encoder_tail is not None:
+            self.encoder_tail.load_state_dict(state["image_encoder"])
+        self.adapter.load_state_dicts({k: v for k, v in state.items() if k not in ("coarse_head", "image_encoder")})
 
 
 class _Validator:

@@ -124,6 +124,18 @@ def add_train_arguments(tr: argparse.ArgumentParser) -> None:
     tr.add_argument("--memory-path", action="store_true",
                     help="SAM-2 only: pseudo-labels from memory propagation and decoder consistency on "
                          "memory-conditioned features (default: key-slice decodes of every slice)")
+    tr.add_argument("--weak-views", type=int, default=0,
+                    help="weak views (random zoom/crop, flip, small rotation) of each labeled training case, each "
+                         "embedded once and sampled with the originals (default: 0, off; each view costs one "
+                         "embedding per labeled slice)")
+    tr.add_argument("--encoder-blocks", type=int, default=0,
+                    help="also train the image encoder's last N blocks, stored in the task model (supervised runs; "
+                         "default: 0, encoder frozen)")
+    tr.add_argument("--encoder-lora-rank", type=int, default=0,
+                    help="with --encoder-blocks: train low-rank adapters of this rank instead of the blocks' weights "
+                         "(default: 0, the weights)")
+    tr.add_argument("--lr-encoder", type=float, default=1e-5,
+                    help="learning rate of the encoder blocks or adapters (default: 1e-5)")
     tr.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
@@ -141,6 +153,8 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201 - SemiSupConfig,
         window=tuple(args.window) if args.window else (-1000.0, 1000.0), slice_axis=args.slice_axis,
         iterations=args.iterations, seed=args.seed, head_batch=args.labeled_batch, decoder_batch=args.decoder_batch,
         lr_head=args.lr_head, lr_decoder=args.lr_decoder, train_decoder=not args.head_only, val_every=args.val_every,
+        weak_views=args.weak_views, encoder_blocks=args.encoder_blocks, encoder_lora_rank=args.encoder_lora_rank,
+        lr_encoder=args.lr_encoder,
     )
     return SemiSupConfig(
         train=train, run_dir=run_dir, copy_to=Path(args.out) if args.out else None,

@@ -40,6 +40,8 @@ from ..task_model import BackboneRef, TaskClass, TaskModel, TaskPreprocessing, T
 from .adapters import adapter_for
 from .data import LabeledCase, embed_cases, load_case, split_cases
 from .distributed import DistContext
+from .encoder_tuning import start_training, tuning_from_config, uninstall_tuned
+from .labeled_aug import switch_notes, training_set
 from .semisup_config import SemiSupConfig
 from .semisup_step import SemiSupStepper, StepContext, coarse_head_of
 from .unlabeled import UnlabeledCase, embed_strong_views, find_unlabeled, load_unlabeled
@@ -156,6 +158,7 @@ class _Run:
             return self._execute(resume, net, adapter, t_start)
         finally:
             undo()
+            uninstall_tuned(net)
             adapter.load_state_dicts(original)
             for m in adapter.modules().values():
                 for p in m.parameters():
@@ -214,6 +217,17 @@ class _Run:
         if cfg.semi_supervised and cfg.use_dfe:
             modules["dfe"] = _build_dfe([int(f.shape[1]) for f in feats], cfg.dfe_width, cfg.train.seed,
                                         cfg.dfe_zero_init_gain)
+        # Switches: weak views of the labeled cases, the encoder's last blocks (labeled_aug, encoder_tuning).
+        encoder = start_training(net, cfg.train)
+        if encoder is not None and cfg.semi_supervised:
+            raise InputError(cfg.unlabeled, "--encoder-blocks trains with supervised runs only: the unlabeled "
+                             "slices' cached views come from the frozen encoder",
+                             "Leave out --unlabeled (or use --no-consistency), or --encoder-blocks.")
+        if encoder is not None:
+            modules["image_encoder"] = encoder.tail
+        t0 = time.perf_counter()
+        samples = training_set(train, cfg.train, net, encoder)
+        self.timings["embed"] += time.perf_counter() - t0
         modules.update(adapter.modules())
         student = nn.ModuleDict(modules).to(adapter.device)
         carry = cfg.train.carry_fraction
@@ -228,7 +242,7 @@ class _Run:
             self._warn(f"each process gets an odd share of --unlabeled-batch {cfg.unlabeled_batch}: CutMix partners "
                        f"that fall on another process are skipped, so the run differs from one process; use a "
                        f"multiple of {2 * self.dist.world}")
-        ctx = StepContext(cfg, adapter, train, unlabeled if cfg.semi_supervised else [], labels, ranges, carry, points,
+        ctx = StepContext(cfg, adapter, samples, unlabeled if cfg.semi_supervised else [], labels, ranges, carry, points,
                           self.dist)
         stepper = SemiSupStepper(ctx, student)
         if cfg.semi_supervised and cfg.class_guard:
@@ -481,13 +495,14 @@ class _Run:
                                                    f"PCSW {'on' if cfg.use_pcsw else 'off'})")
         notes = (f"{mode}; kept step {kept} of {step}; train cases: {', '.join(c.case_id for c in train)}; "
                  f"validation cases: {', '.join(c.case_id for c in val) or 'none'}; "
-                 f"unlabeled cases: {len(unlabeled)}")
+                 f"unlabeled cases: {len(unlabeled)}; {switch_notes(cfg.train)}")
         model = TaskModel(
             backbone=BackboneRef(net.name, net.weights_sha256), classes=classes, preprocessing=prep, pcsw=cfg.train.pcsw,
             volume_ranges_mm3=ranges,
             training=TrainingInfo.now(cfg.train.data_name or Path(cfg.train.labeled).name, n_labeled=len(train),
                                       n_unlabeled=len(unlabeled), iterations=step, seed=cfg.train.seed, notes=notes),
             validation=validation, weights=weights, nesting=self.nesting,  # type: ignore[arg-type]
+            encoder_tuning=tuning_from_config(cfg.train),
         )
         path = save_task_model(model, self.paths.root / "model.ssstask")
         if cfg.copy_to is not None:

@@ -160,6 +160,9 @@ class SemiSupStepper:
         groups = [{"params": list(student["coarse_head"].parameters()), "lr": cfg.train.lr_head}]
         if "dfe" in student:
             groups.append({"params": list(student["dfe"].parameters()), "lr": cfg.dfe_lr})
+        if "image_encoder" in student:  # the encoder's last blocks (trainer/encoder_tuning.py)
+            groups.append({"params": [p for p in student["image_encoder"].parameters() if p.requires_grad],
+                           "lr": cfg.train.lr_encoder})
         if decoder_params:
             groups.append({"params": decoder_params, "lr": cfg.train.lr_decoder})
         self.params = [p for g in groups for p in g["params"]]
