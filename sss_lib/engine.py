@@ -53,6 +53,8 @@ from .volume import SliceAxis, Volume
 log = logging.getLogger(__name__)
 
 Stage = Literal["embed", "propagate", "done"]
+#: Voxels the label map is composed in at a time (see SegmentationSession._compose).
+_COMPOSE_VOXELS = 1 << 22
 
 
 @dataclasses.dataclass
@@ -236,13 +238,13 @@ class SegmentationSession:
 
         # Commit: from here on the run has completed.
         self._runs = {lbl: (runs[lbl] if lbl in runs else self._runs[lbl]) for lbl in by_label}
-        labels_stack = self._compose()
+        dtype = np.uint8 if max(by_label, default=0) < 256 else np.uint16
+        labels_stack = self._compose(dtype)
         present = {
             lbl: np.flatnonzero((labels_stack == lbl).reshape(n_slices, -1).any(axis=1)).tolist()
             for lbl in by_label
         }
-        dtype = np.uint8 if max(by_label, default=0) < 256 else np.uint16
-        labels = self.volume.with_voxels(self.slice_axis.from_stack(labels_stack.astype(dtype)))
+        labels = self.volume.with_voxels(self.slice_axis.from_stack(labels_stack))
         result = SegmentationResult(
             labels=labels,
             recomputed=sorted(changed),
@@ -358,16 +360,19 @@ class SegmentationSession:
             events.close()
         raise AssertionError("engine finished without a result")
 
-    def _compose(self) -> np.ndarray:
-        """Argmax over classes; background where every logit is below 0. ``(S, H, W)`` int."""
-        if not self._runs:
-            return np.zeros(self.stack_shape, dtype=np.int32)
-        labels = np.array(sorted(self._runs), dtype=np.int32)
-        best = np.full(self.stack_shape, -np.inf, dtype=np.float32)
-        out = np.zeros(self.stack_shape, dtype=np.int32)
-        for lbl in labels:
-            logits = self._runs[int(lbl)].logits.astype(np.float32)
-            win = (logits > best) & (logits > 0)
-            out[win] = lbl
-            np.maximum(best, logits, out=best)
+    def _compose(self, dtype: type = np.int32) -> np.ndarray:
+        """Argmax over classes; background where every logit is below 0. ``(S, H, W)`` of ``dtype``.
+
+        A few slices at a time: whole-stack float32 temporaries would cost 4 bytes per voxel each
+        (over 1 GB together for a 512x512x300 CT)."""
+        out = np.zeros(self.stack_shape, dtype=dtype)
+        slice_voxels = max(1, int(np.prod(self.stack_shape[1:])))
+        step = max(1, _COMPOSE_VOXELS // slice_voxels)
+        for lo in range(0, self.stack_shape[0], step):
+            best = np.full((min(step, self.stack_shape[0] - lo),) + self.stack_shape[1:], -np.inf, dtype=np.float32)
+            chunk = out[lo:lo + step]
+            for lbl in sorted(self._runs):
+                logits = self._runs[lbl].logits[lo:lo + step].astype(np.float32)
+                chunk[(logits > best) & (logits > 0)] = lbl
+                np.maximum(best, logits, out=best)
         return out

@@ -271,17 +271,28 @@ def test_engine_result_is_the_same_with_every_embedding_on_disk(sam2_to_span_edg
     from sss_lib.prompts import ClassPrompts, PromptSet, SlicePrompt
     from sss_lib.volume import SliceAxis
 
+    import sss_lib.engine
+
     volume = bright_box_volume(6, 48, 3)
-    prompts = PromptSet(SliceAxis(2), [ClassPrompts(1, "box", [SlicePrompt(2, box=(14, 12, 33, 29))])])
+    prompts = PromptSet(SliceAxis(2), [ClassPrompts(1, "box", [SlicePrompt(2, box=(14, 12, 33, 29))]),
+                                       ClassPrompts(2, "overlap", [SlicePrompt(3, box=(20, 16, 40, 36))])])
     in_ram = SegmentationSession(volume, sam2_to_span_edge, store=EmbeddingStore())
     expected = in_ram.segment(prompts)
     store = EmbeddingStore(ram_bytes=0, spill_dir=tmp_path)
     on_disk = SegmentationSession(volume, sam2_to_span_edge, store=store)
+    # The label map composed one slice at a time (as a large CT is) equals the whole-stack one.
+    monkeypatch.setattr(sss_lib.engine, "_COMPOSE_VOXELS", 1)
     result = on_disk.segment(prompts)
     assert store.spilled == 6 and store.ram_bytes_used == 0 and store.reloaded >= 6
-    np.testing.assert_array_equal(on_disk.class_logits(1), in_ram.class_logits(1))
+    for lbl in (1, 2):
+        np.testing.assert_array_equal(on_disk.class_logits(lbl), in_ram.class_logits(lbl))
     np.testing.assert_array_equal(result.labels.voxels, expected.labels.voxels)
     assert result.slices_per_class == expected.slices_per_class
+    # ... and both are the overlap rule: highest logit wins, background where none is above 0.
+    logits = np.stack([in_ram.class_logits(lbl).astype(np.float32) for lbl in (1, 2)])
+    rule = np.where(logits.max(axis=0) > 0, logits.argmax(axis=0) + 1, 0)
+    np.testing.assert_array_equal(in_ram.slice_axis.to_stack(result.labels.voxels), rule)
+    assert len(np.unique(rule)) == 3  # both classes and background appear
 
     # The engine's own store gets the default RAM budget on a CPU (or $SSS_EMBEDDING_RAM_MB's).
     monkeypatch.setenv(RAM_BUDGET_ENV, "1")
