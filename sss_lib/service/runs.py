@@ -97,6 +97,9 @@ class Run:
         with self._lock:
             return len(self.events)
 
+#: How long stopping a worker waits for its current step (a slice, or a slow first model load).
+WORKER_STOP_S = 20.0
+
 
 class DeviceWorker:
     """A thread that executes work for one device, one item at a time, lowest priority value first."""
@@ -116,9 +119,11 @@ class DeviceWorker:
         with self._queue.mutex:
             return sum(1 for item in self._queue.queue if item[0] <= max_priority and item[2] is not None)
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = WORKER_STOP_S) -> bool:
+        """Ask the thread to end after its current item; True when it ended within ``timeout``."""
         self._queue.put((-1, -1, None))
         self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def _loop(self) -> None:
         while True:
@@ -206,13 +211,15 @@ class RunManager:
             if r.state == "queued":
                 r.set_state("cancelled")
 
-    def shutdown(self) -> None:
-        """:meth:`cancel_all`, then stop the workers (each ends after its current run's next slice)."""
+    def shutdown(self) -> bool:
+        """:meth:`cancel_all`, then stop the workers (each ends after its current run's next slice).
+
+        Returns False when a worker was still inside a step (e.g. a slow first model load) after its
+        wait: the caller must then not let the interpreter finalise under it (see ``serve``)."""
         self.cancel_all()
         with self._lock:
             workers = list(self._workers.values())
-        for w in workers:
-            w.stop()
+        return all([w.stop() for w in workers])
 
     # -- execution (on the worker thread) -----------------------------------------------------------
     def _execute(self, run: Run) -> None:

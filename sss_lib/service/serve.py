@@ -25,6 +25,7 @@ from .. import __version__
 from ..errors import InputError
 from . import protocol
 from .config import ServiceConfig, default_service_dir
+from .runs import WORKER_STOP_S
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,17 @@ def serve(config: ServiceConfig) -> int:
         if config.token_file is None:
             token_file.unlink(missing_ok=True)  # the token dies with the server
     log.info("SSS service stopped")
-    return 0 if server.started else 1
+    exit_code = 0 if server.started else 1
+    if not getattr(app.state.service, "stopped_cleanly", True):
+        # A worker thread is still inside one step (torch or an encoder runtime): letting the
+        # interpreter finalise under it aborts the process ("terminate called without an active
+        # exception"). Its run is already marked cancelled; nothing is left to save.
+        log.warning("a run was still inside a step after %g s; exiting without waiting for it", WORKER_STOP_S)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
+    return exit_code
 
 
 def _make_server(config: Any, ready: str, app: Any) -> Any:

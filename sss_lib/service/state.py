@@ -31,6 +31,8 @@ class ServiceState:
                                        memory=self.memory, device=device, ttl_s=config.session_ttl_s)
         self._stop = threading.Event()
         self._janitor: threading.Thread | None = None
+        #: False when a worker thread was still busy after its wait at shutdown (read by ``serve``).
+        self.stopped_cleanly = True
 
     def start(self) -> None:
         """Start the housekeeping thread."""
@@ -64,6 +66,6 @@ class ServiceState:
     def shutdown(self) -> None:
         """Cancel every run and stop the threads (the server is stopping)."""
         self._stop.set()
-        self.runs.shutdown()
+        self.stopped_cleanly = self.runs.shutdown()
         if self._janitor is not None:
             self._janitor.join(5)
