@@ -56,6 +56,7 @@ from .adapters import DecoderAdapter
 from .data import LabeledCase
 from .distributed import DistContext
 from .losses import coarse_loss, mask_loss
+from .sam2_memory import MemorySweeps, key_prompts, memory_decode
 from .samples import ClassIndex, draw_samples
 from .semisup_config import SemiSupConfig
 from .slice_prompts import SlicePlan, box_slice_plans, pcsw_slice_plans
@@ -82,6 +83,9 @@ class Targets:
     trusted: torch.Tensor
     plan: SlicePlan
     decoder_trusted: torch.Tensor
+    #: ``SemiSupConfig.memory_path``: class label -> :class:`.sam2_memory.MemoryTarget` (the
+    #: classes SAM-2's propagation reaches on this slice); None: the key-slice decodes of ``plan``.
+    memory: dict[int, Any] | None = None
 
 
 class UnlabeledOrder:
@@ -175,6 +179,8 @@ class SemiSupStepper:
         self.guard = ClassGuard(ctx.labels, cfg.warmup, cfg.guard_margin) \
             if cfg.semi_supervised and cfg.class_guard and not ctx.dist.distributed else None
         self.anchor: nn.ModuleDict | None = None
+        #: SAM-2's memory path (``SemiSupConfig.memory_path``, :mod:`.sam2_memory`).
+        self.sweeps = memory_sweeps(self.adapter) if cfg.semi_supervised and cfg.memory_path else None
         #: Class-wise adaptive confidence thresholds (``SemiSupConfig.adaptive_thresholds``).
         self.thresholds = ClassThresholds(len(ctx.labels) + 1, cfg.confidence, min(cfg.adaptive_floor, cfg.confidence)) \
             if cfg.semi_supervised and cfg.adaptive_thresholds else None
@@ -392,16 +398,20 @@ class SemiSupStepper:
         out = []
         dropped = set(self.guard.dropped) if self.guard is not None else set()
         for n, (emb, t) in enumerate(zip(embs, targets)):
+            available = t.memory if t.memory is not None else t.plan.prompts
             prompted = [self.ctx.labels[int(c)] for c in orders[n]
-                        if self.ctx.labels[int(c)] in t.plan.prompts and self.ctx.labels[int(c)] not in dropped]
+                        if self.ctx.labels[int(c)] in available and self.ctx.labels[int(c)] not in dropped]
             chosen = prompted if cap is None else prompted[:cap]
             if not chosen or not self.cfg.train.train_decoder:
                 out.append(torch.zeros((), device=self.device))
                 continue
             terms = []
             for label in chosen:
-                p = t.plan.prompts[label]
-                logits = self.adapter.decode(emb, tuple(t.pseudo.shape), p.box, p.positive, p.negative).logits
+                if t.memory is not None:
+                    logits = memory_decode(self.adapter, emb, t.memory[label], label, tuple(t.pseudo.shape)).logits
+                else:
+                    p = t.plan.prompts[label]
+                    logits = self.adapter.decode(emb, tuple(t.pseudo.shape), p.box, p.positive, p.negative).logits
                 binary = with_background_logit(logits.float()[None, None])
                 channel = self.ctx.labels.index(label) + 1
                 terms.append(consistency_loss(binary, (t.pseudo == channel).long()[None], t.decoder_trusted[None]))
@@ -421,6 +431,7 @@ class SemiSupStepper:
             by_case.setdefault(c, []).append(s)
         plans: dict[tuple[int, int], SlicePlan] = {}
         coarse: dict[tuple[int, int], np.ndarray] = {}
+        keys: dict[int, dict[int, Any]] = {}
         for c, slices in by_case.items():
             case = self.ctx.unlabeled[c]
             probs = stack_probabilities(coarse_head_of(teacher), self.adapter, case.session.embedding,
@@ -432,6 +443,10 @@ class SemiSupStepper:
             else:
                 found = box_slice_plans(probs, slices, config=cfg.train.pcsw, untrusted_floor=cfg.floor)
             plans.update({(c, s): plan for s, plan in found.items()})
+            if self.sweeps is not None:
+                keys[c] = key_prompts(probs, in_plane_spacing=case.spacing_xy, slice_spacing=case.slice_spacing,
+                                      class_ranges=self.ctx.class_ranges, config=cfg.train.pcsw,
+                                      points=self.teacher_points)
             if cfg.decoder_agreement:
                 coarse.update({(c, s): coarse_channels(probs, s, self.ctx.labels) for s in slices})
         if not self.teacher_points:
@@ -439,13 +454,16 @@ class SemiSupStepper:
 
         out = []
         with swapped_modules(self.adapter, {k: teacher[k] for k in self.adapter.modules()}):
+            memory = self._memory_targets(by_case, keys) if self.sweeps is not None else {}
             for c, s in picks:
                 case = self.ctx.unlabeled[c]
                 plan = plans[(c, s)]
                 emb = case.session.embedding(s)
                 h, w = case.shape_hw
                 logits = torch.full((1, len(self.ctx.labels), h, w), ABSENT_LOGIT, device=self.device)
-                for label, p in plan.prompts.items():
+                for label, m in memory.get((c, s), {}).items():
+                    logits[0, self.ctx.labels.index(label)] = torch.from_numpy(m.logits).to(self.device)
+                for label, p in plan.prompts.items() if self.sweeps is None else ():
                     decoded = self.adapter.decode(emb, (h, w), p.box, p.positive, p.negative)
                     logits[0, self.ctx.labels.index(label)] = decoded.logits.float()
                 pseudo, trusted = self._targets(logits, plan.untrusted)
@@ -453,9 +471,22 @@ class SemiSupStepper:
                     trusted = guarded_trust(trusted, pseudo, self.guard.dropped_channels(),
                                             self._anchor_channels(emb, (h, w)))
                 decoder_trusted = agreeing(pseudo, trusted, coarse[(c, s)]) if cfg.decoder_agreement else trusted
-                out.append(Targets(pseudo, trusted, plan, decoder_trusted))
+                out.append(Targets(pseudo, trusted, plan, decoder_trusted, memory.get((c, s))))
         return out
 
+    def _memory_targets(self, by_case: dict[int, list[int]], keys: dict[int, dict[int, Any]]
+                        ) -> dict[tuple[int, int], dict[int, Any]]:
+        """(case, slice) -> class -> :class:`.sam2_memory.MemoryTarget`: the teacher's memory
+        propagation from each class's PCSW key slice (run with the teacher's modules in place)."""
+        assert self.sweeps is not None
+        found: dict[tuple[int, int], dict[int, Any]] = {(c, s): {} for c, slices in by_case.items() for s in slices}
+        for c, slices in by_case.items():
+            case = self.ctx.unlabeled[c]
+            shape = (case.n_slices, *case.shape_hw)
+            for label, prompt in keys[c].items():
+                for s, target in self.sweeps.run(case.session.embedding, shape, label, prompt, slices).items():
+                    found[(c, s)][label] = target
+        return found
 
     def _targets(self, logits: torch.Tensor, untrusted: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`teacher_targets`, or with class-wise adaptive thresholds (fed this slice first)."""
@@ -466,6 +497,22 @@ class SemiSupStepper:
         self.thresholds.update(probs, keep[None])
         pseudo, trusted = self.thresholds.trust(probs)
         return pseudo[0], trusted[0] & keep
+
+
+def memory_sweeps(adapter: DecoderAdapter) -> Any:
+    """The teacher's :class:`.sam2_memory.MemorySweeps` for ``SemiSupConfig.memory_path``.
+
+    Raises:
+        InputError: the backbone is not SAM-2 (it has no memory to train on).
+    """
+    from .adapters import Sam2Adapter
+
+    if not isinstance(adapter, Sam2Adapter):
+        from ..errors import InputError
+
+        raise InputError(None, f"--memory-path needs a SAM-2 backbone; {adapter.backbone.name} has no memory",
+                         "Drop --memory-path, or train a SAM-2.1 backbone.")
+    return MemorySweeps(adapter.backbone)
 
 
 def coarse_channels(probabilities: dict[int, np.ndarray], slice_index: int, labels: Sequence[int]) -> np.ndarray:
