@@ -56,7 +56,14 @@ METHODS = {
     "sup": ("supervised only", dict(consistency=False)),
     "nodfe": ("consistency, no DFE", dict(use_dfe=False)),
     "full": ("full SSS (DFE + PCSW)", dict()),
+    # Switches of the unlabeled side, each against "full": class-wise adaptive confidence thresholds,
+    # DFE to the mask decoder, and SAM-2's memory path (SAM2_ONLY: this protocol trains LiteMedSAM).
+    "full_thr": ("full SSS + class-wise adaptive thresholds", dict(adaptive_thresholds=True)),
+    "full_dfedec": ("full SSS + DFE to the mask decoder", dict(dfe_to_decoder=True)),
+    "full_memory": ("full SSS + SAM-2 memory path", dict(memory_path=True)),
 }
+#: Rows that need a SAM-2 backbone: left out of the default list, refused with LiteMedSAM.
+SAM2_ONLY = {"full_memory"}
 #: Settings that only semi-supervised training reads: the grid does not multiply "sup" by them.
 SSL_ONLY = {"confidence", "class_guard", "guard_margin", "lambda_u", "cutmix_p", "ema_decay", "lr_dfe",
             "unsup_decoder_weight", "unsup_head_weight", "decoder_agreement", "teacher_points"}
@@ -178,7 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in preset.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    args.methods = args.methods or list(METHODS)
+    args.methods = args.methods or [m for m in METHODS if m not in SAM2_ONLY]
+    if SAM2_ONLY & set(args.methods):
+        raise SystemExit(f"--methods {' '.join(sorted(SAM2_ONLY & set(args.methods)))}: needs a SAM-2 backbone, and "
+                         "this protocol trains LiteMedSAM")
     args.name = args.name or ("ssl_protocol_smoke" if args.smoke else "ssl_protocol_reduced_cpu" if args.reduced
                               else "ssl_protocol")
     commit = git_commit()
