@@ -25,7 +25,13 @@ Unsupervised part (after the warm-up, weighted by the ramped lambda_u), per unla
    (:class:`sss_lib.semisup.DfeCoarseHead`), so that the head never learns on a kind of feature
    that inference does not give it; the DFE ships in the task model for that reason.
    **(ours)** The mask decoder decodes the strong view's own features: at inference (SAM-2
-   propagation) it reads the backbone's features, never DFE's.
+   propagation) it reads the backbone's features, never DFE's. ``--dfe-to-decoder`` decodes the
+   DFE-enhanced strong features instead (section 3's last line), so DFE also learns through it.
+
+   ``--memory-path`` (SAM-2): the teacher's pseudo-label of a slice is the engine's memory
+   propagation from PCSW's key slice and the decoder decodes the strong view's memory-conditioned
+   features (:mod:`.sam2_memory`) instead of a key-slice decode from the slice's own prompt;
+   ``--adaptive-thresholds``: class-wise confidence thresholds (:mod:`sss_lib.semisup.thresholds`).
    **(ours)** CutMix goes to the prompt-free coarse head only: content pasted into a slice is not
    described by that slice's prompts, so a prompted decoder cannot be asked to segment it.
    **(ours)** CutMix runs on cached embeddings (features of both partners mixed inside a box on
