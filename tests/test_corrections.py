@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sss_lib.backbones.spans import Gate, KeySlice, Span, plan_class, resolve_span
+from sss_lib.backbones.spans import DEFAULT_SPAN_RULE, Gate, KeySlice, Span, plan_class, resolve_span
 from sss_lib.correction_sim import Correction, apply_correction, next_correction, truth_box
 from sss_lib.engine import SegmentationSession
 from sss_lib.metrics import dice
@@ -45,16 +45,18 @@ def fake_run(start: int, stop: int, direction: int, reach: int, gate: Gate, deco
         yield s, np.full((1, 1), float(100 * direction + s), np.float32)
 
 
-def resolved(lo, hi, reach_up, reach_down):
+def resolved(lo, hi, reach_up, reach_down, rule="nearest"):
     span = Span(lo, hi, KeySlice(lo - 1, ()), KeySlice(hi + 1, ()))
     gates, decoded = {+1: Gate(), -1: Gate()}, []
     up = fake_run(lo, hi + 1, +1, reach_up, gates[+1], decoded)
     down = fake_run(hi, lo - 1, -1, reach_down, gates[-1], decoded)
-    out = {s: int(v[0, 0]) // 50 for s, v in resolve_span(span, up, down, gates)}  # 2: from below, -1/-2: above
-    return {s: ("below" if v > 0 else "above") for s, v in out.items()}, sorted(decoded)
+    out = {s: float(v[0, 0]) for s, v in resolve_span(span, up, down, gates, rule=rule)}
+    if rule == "nearest":  # 100 + s: from below, s - 100: from above
+        return {s: ("below" if v > 0 else "above") for s, v in out.items()}, sorted(decoded)
+    return out, sorted(decoded)
 
 
-def test_each_slice_takes_the_nearest_key_slice_whose_run_reached_it():
+def test_nearest_rule_each_slice_takes_the_nearest_key_slice_whose_run_reached_it():
     # Keys at 0 and 8, span 1..7: both runs reach everything: nearer wins, a tie (4) goes below.
     owner, decoded = resolved(1, 7, 99, 99)
     assert owner == {1: "below", 2: "below", 3: "below", 4: "below", 5: "above", 6: "above", 7: "above"}
@@ -65,6 +67,27 @@ def test_each_slice_takes_the_nearest_key_slice_whose_run_reached_it():
     # Both end early: the slices between stay empty.
     owner, _ = resolved(1, 7, 1, 2)
     assert owner == {1: "below", 6: "above", 7: "above"}
+
+
+def test_blend_rule_weights_both_runs_by_distance_where_both_reached():
+    assert DEFAULT_SPAN_RULE == "blend"
+    # Keys at 0 and 8: slice s gets (8 - s)/8 of the run from below (100 + s) and s/8 of the run
+    # from above (s - 100), i.e. s + 100 - 25 s: both runs decode the whole span.
+    out, decoded = resolved(1, 7, 99, 99, rule="blend")
+    assert out == pytest.approx({s: s + 100 * (8 - s) / 8 - 100 * s / 8 for s in range(1, 8)})
+    assert decoded == sorted(list(range(1, 8)) * 2)
+    # Where only one run reached, that run's result; where neither did, nothing.
+    out, _ = resolved(1, 7, 2, 3, rule="blend")
+    assert out == pytest.approx({1: 101.0, 2: 102.0, 5: -95.0, 6: -94.0, 7: -93.0})
+    out, _ = resolved(1, 7, 6, 3, rule="blend")
+    assert out[3] == 103.0 and out[5] == pytest.approx(5 + 100 * 3 / 8 - 100 * 5 / 8)
+    # A span with one key slice takes its run as it is.
+    span = Span(0, 3, None, KeySlice(4, ()))
+    gate = Gate()
+    got = dict(resolve_span(span, None, fake_run(3, -1, -1, 99, gate, []), {-1: gate}))
+    assert {s: float(v[0, 0]) for s, v in got.items()} == {3: -97.0, 2: -98.0, 1: -99.0, 0: -100.0}
+    with pytest.raises(ValueError, match="unknown span rule"):
+        list(resolve_span(span, None, None, rule="widest"))
 
 
 # -- the simulated user ---------------------------------------------------------------------------
