@@ -14,8 +14,9 @@ prompts) and its "not on this slice" markers cut the stack into spans.
 * A **span** (the slices strictly between two neighbouring markers, or between a marker and the
   stack's end) with a key slice on at least one side is filled by runs from its bounding key
   slices, each going into the span until the backbone says the object ended or the span ends.
-  Each slice takes the result of the **nearest key slice whose run reached it** (equal distance:
-  the key slice below, i.e. of lower index). A slice no run reached is empty.
+  A slice both runs reached takes the **distance-weighted mean of their logits** (the nearer key
+  slice weighs more); a slice one run reached takes that run's result; a slice no run reached is
+  empty.
 * A span with no key slice on either side (between two absent markers, or an absent marker and
   the stack's end) is empty; a class with only absent markers is empty everywhere.
 
