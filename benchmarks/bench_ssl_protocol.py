@@ -61,6 +61,11 @@ METHODS = {
     "full_thr": ("full SSS + class-wise adaptive thresholds", dict(adaptive_thresholds=True)),
     "full_dfedec": ("full SSS + DFE to the mask decoder", dict(dfe_to_decoder=True)),
     "full_memory": ("full SSS + SAM-2 memory path", dict(memory_path=True)),
+    # Switches of the labeled slices (a "train" entry holds TrainConfig settings): weak views, and the
+    # image encoder's last blocks (LoRA; supervised runs only), each against its base row.
+    "full_weak": ("full SSS + 2 weak views of labeled cases", dict(train=dict(weak_views=2))),
+    "sup_enc": ("supervised + encoder's last 2 blocks (LoRA rank 4)",
+                dict(consistency=False, train=dict(encoder_blocks=2, encoder_lora_rank=4, lr_encoder=1e-4))),
 }
 #: Rows that need a SAM-2 backbone: left out of the default list, refused with LiteMedSAM.
 SAM2_ONLY = {"full_memory"}
@@ -233,6 +238,8 @@ def run(args: argparse.Namespace, commit: str) -> int:
     def train(n_lab: int, method: str, candidate: dict[str, Any], seed: int) -> dict[str, Any]:
         lab, unl, val_ids = split_folders(work, pool, n_lab, args.train_cases, args.val_cases)
         title, overrides = METHODS[method]
+        overrides = dict(overrides)
+        train_overrides = overrides.pop("train", {})
         tag = "_".join(f"{k}{v}" for k, v in candidate.items()) or "default"
         run_dir = work / f"n{n_lab}" / f"{method}_{tag}_seed{seed}"
         backbone.net.prompt_encoder.load_state_dict(pristine["pe"])
@@ -241,7 +248,7 @@ def run(args: argparse.Namespace, commit: str) -> int:
         tcfg = TrainConfig(lab, run_dir / "model.ssstask", backbone="litemedsam", device=args.device,
                            val_cases=tuple(val_ids), iterations=args.iterations, seed=seed,
                            head_batch=args.labeled_batch, decoder_batch=args.decoder_batch,
-                           val_every=args.val_every or max(1, args.iterations // 4))
+                           val_every=args.val_every or max(1, args.iterations // 4), **train_overrides)
         unlabeled = unl if n_lab < args.train_cases else None
         cfg = SemiSupConfig(train=tcfg, run_dir=run_dir, unlabeled=unlabeled, unlabeled_batch=args.unlabeled_batch,
                             strong_view_seed=args.data_seed, unsup_decoder_classes=args.unsup_decoder_classes,
@@ -264,8 +271,9 @@ def run(args: argparse.Namespace, commit: str) -> int:
     # 1-2: every candidate on validation (supervised at every count first: the room).
     plan = [(n, "sup") for n in counts] + [(n, m) for n in counts[:-1] for m in args.methods if m != "sup"]
     for n_lab, method in plan:
-        candidates = [c for c in grid if method != "sup"] or [{}]
-        if method == "sup":
+        supervised = METHODS[method][1].get("consistency", True) is False
+        candidates = [c for c in grid if not supervised] or [{}]
+        if supervised:
             candidates = [{k: v for k, v in c.items() if k not in SSL_ONLY} for c in grid]
             candidates = [dict(t) for t in {tuple(sorted(c.items())) for c in candidates}]
         scored = []

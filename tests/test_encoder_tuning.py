@@ -4,7 +4,7 @@ reloaded model reproduces it), embedding-cache keys follow the weights, and a mo
 gives the backbone its own encoder back.
 
 SAM-2.1 tiny at random init with a 64 px input (tests/conftest.py) for most; one LiteMedSAM run end
-to end on a 3-slice case (its encoder is the expensive part: ~20 encoder passes).
+to end on a 2-slice case (its encoder is the expensive part: ~12 encoder passes).
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def test_supervised_run_folder_model_carries_the_blocks(dataset, backbone, tmp_p
 def test_litemedsam_end_to_end(tmp_path):
     from sss_lib.backbones.registry import build_backbone
 
-    data = make_phantom_dataset(tmp_path / "lm", 1, seed=4, n_slices=3, size=(48, 48), spacing=(3.0, 3.0, 8.0))
+    data = make_phantom_dataset(tmp_path / "lm", 1, seed=4, n_slices=2, size=(48, 48), spacing=(3.0, 3.0, 8.0))
     net = build_backbone("litemedsam", device="cpu", encoder_runtime="torch")
     cfg = TrainConfig(data, tmp_path / "m.ssstask", iterations=2, seed=0, head_batch=1, decoder_batch=1,
                       head_width=8, val_cases=(), encoder_blocks=1, lr_encoder=1e-3)

@@ -418,7 +418,9 @@ class TrainingEncoder:
 def start_training(backbone: Backbone, config: Any) -> TrainingEncoder | None:
     """Set up the encoder's tail for training as ``config`` asks (None when it does not): the
     backbone embeds with the tail's current weights from now on (validation runs the tuned
-    encoder); :func:`uninstall_tuned` undoes it."""
+    encoder); :func:`uninstall_tuned` undoes it. Blocks a task model loaded earlier put on the
+    backbone are taken off first: training starts from the backbone's own encoder."""
+    uninstall_tuned(backbone)
     tuning = tuning_from_config(config)
     if tuning is None:
         return None

@@ -125,7 +125,8 @@ def _train(config: TrainConfig, net: Backbone, adapter: DecoderAdapter, dataset:
              len(train), len(val), classes, net.name, device)
 
     t0 = time.perf_counter()
-    embed_cases(cases, _embed_progress(progress), should_cancel)
+    # With the encoder's blocks training, training slices are embedded through its prefix instead.
+    embed_cases([] if config.encoder_blocks else cases, _embed_progress(progress), should_cancel)
     t_embed = time.perf_counter() - t0
 
     ranges = measure_class_ranges([c.label.voxels for c in train], [c.label.spacing for c in train], labels=labels)

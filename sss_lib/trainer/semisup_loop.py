@@ -169,6 +169,10 @@ class _Run:
         from ..coarse_head import build_coarse_head
 
         cfg = self.config
+        if cfg.train.encoder_blocks and cfg.semi_supervised:
+            raise InputError(cfg.unlabeled, "--encoder-blocks trains with supervised runs only: the unlabeled "
+                             "slices' cached views come from the frozen encoder",
+                             "Leave out --unlabeled (or use --no-consistency), or --encoder-blocks.")
         t0 = time.perf_counter()
         prep = TaskPreprocessing(cfg.train.modality, tuple(cfg.train.window), tuple(cfg.train.percentiles),  # type: ignore[arg-type]
                                  cfg.train.slice_axis, int(net.image_size))
@@ -200,7 +204,8 @@ class _Run:
             self.say(f"{len(train)} training, {len(val)} validation, {len(unlabeled)} unlabeled case(s); "
                      f"classes {classes}; backbone {net.name} on {adapter.device}")
             t0 = time.perf_counter()
-            self._embed(train + val, unlabeled, net)
+            # With the encoder's blocks training, labeled slices are embedded through its prefix instead.
+            self._embed([] if cfg.train.encoder_blocks else train + val, unlabeled, net)
         except Cancelled:
             self.reporter.stop(0, "stopped while reading or embedding, before training started; nothing to save")
             return self._outcome("stopped", 0, None, {}, t_start, train, val, unlabeled)
@@ -219,10 +224,6 @@ class _Run:
                                         cfg.dfe_zero_init_gain)
         # Switches: weak views of the labeled cases, the encoder's last blocks (labeled_aug, encoder_tuning).
         encoder = start_training(net, cfg.train)
-        if encoder is not None and cfg.semi_supervised:
-            raise InputError(cfg.unlabeled, "--encoder-blocks trains with supervised runs only: the unlabeled "
-                             "slices' cached views come from the frozen encoder",
-                             "Leave out --unlabeled (or use --no-consistency), or --encoder-blocks.")
         if encoder is not None:
             modules["image_encoder"] = encoder.tail
         t0 = time.perf_counter()
