@@ -190,7 +190,8 @@ class Sam2Backbone(Backbone):
             embedding: slice index -> :class:`Sam2Embedding`, the engine's cache.
         """
         num_slices, height, width = (int(n) for n in slices.shape)
-        state = self.model.sss_new_state(num_slices, height, width, embedding)
+        # Each run goes one way slice by slice: what lies behind its memory's reach is dropped.
+        state = self.model.sss_new_state(num_slices, height, width, embedding, forget_behind=True)
         try:
             for key in (span.below, span.above):
                 if key is not None:

@@ -37,8 +37,10 @@ log = logging.getLogger(__name__)
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
-# Our key in SAM-2's inference-state dict: the per-call feature source (see _FrameFeatures).
+# Our keys in SAM-2's inference-state dict: the per-call feature source (see _FrameFeatures), and
+# whether tracked slices beyond the memory's reach are forgotten (see sss_new_state).
 _FEATURES = "sss_features"
+_FORGET = "sss_forget_behind"
 
 
 class _FrameFeatures:
@@ -144,14 +146,22 @@ class InMemoryVideoPredictor(SAM2VideoPredictor):
         return (None,) + self._prepare_backbone_features(backbone_out)
 
     # -- state and prompts ------------------------------------------------------------------------
-    def sss_new_state(self, num_slices: int, height: int, width: int, lookup: Callable[[int], Any]) -> dict:
+    def sss_new_state(self, num_slices: int, height: int, width: int, lookup: Callable[[int], Any], *,
+                      forget_behind: bool = False) -> dict:
         """A fresh inference state for ``num_slices`` slices of ``height x width`` pixels.
 
         It has the keys ``init_state`` builds, except that there are no decoded frames: features come
         from ``lookup`` (slice index -> :class:`Sam2Embedding`).
+
+        ``forget_behind``: :meth:`sss_track_slice` drops the outputs of tracked slices further behind
+        the current one (in its direction) than :meth:`sss_memory_reach`. Memory attention never
+        reads them again in a run that goes one way slice by slice, so the results are the same, and
+        the state holds a few slices' memories (~0.8 MB each at 1024 px) instead of every slice's.
+        Leave it off where the state is read afterwards at slices already passed.
         """
         return {
             _FEATURES: _FrameFeatures(lookup, self),
+            _FORGET: bool(forget_behind),
             "images": None,
             "num_frames": int(num_slices),
             "offload_video_to_cpu": False,
@@ -239,6 +249,8 @@ class InMemoryVideoPredictor(SAM2VideoPredictor):
                         run_mem_encoder=True,
                     )
                     obj_out["non_cond_frame_outputs"][slice_index] = out
+                    if state.get(_FORGET):
+                        self._sss_forget_behind(obj_out["non_cond_frame_outputs"], slice_index, reverse)
                 state["frames_tracked_per_obj"][obj_idx][slice_index] = {"reverse": reverse}
                 masks.append(low_res.to(self.device).float())
                 scores.append(out["object_score_logits"].reshape(-1)[:1].float())
@@ -247,4 +259,18 @@ class InMemoryVideoPredictor(SAM2VideoPredictor):
             logits = logits[:, 0].clamp_min(ABSENT_LOGIT).cpu().numpy()
             score_list = torch.cat(scores).cpu().tolist()
         return {obj_id: (logits[i], score_list[i]) for i, obj_id in enumerate(obj_ids)}
+
+    def sss_memory_reach(self) -> int:
+        """How far behind the current slice SAM-2's memory attention reads tracked slices: the last
+        ``num_maskmem - 1`` memories (every ``memory_temporal_stride_for_eval``-th slice, the
+        nearest one always) and the object pointers of the last ``max_obj_ptrs_in_encoder - 1``
+        slices; this bounds both."""
+        return max(self.num_maskmem * self.memory_temporal_stride_for_eval, self.max_obj_ptrs_in_encoder)
+
+    def _sss_forget_behind(self, outputs: dict, slice_index: int, reverse: bool) -> None:
+        """Drop tracked outputs more than :meth:`sss_memory_reach` slices behind ``slice_index``."""
+        reach = self.sss_memory_reach()
+        behind = [s for s in outputs if (s - slice_index if reverse else slice_index - s) > reach]
+        for s in behind:
+            del outputs[s]
 
