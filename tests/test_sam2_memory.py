@@ -123,21 +123,47 @@ def test_training_pseudo_labels_from_memory_and_decodes_memory_conditioned_featu
     swept: list[dict] = []
     decoded: list = []
     teacher_logits: list[torch.Tensor] = []
-    run, decode, targets = MemorySweeps.run, sam2_memory.memory_decode, semisup_step.SemiSupStepper._targets
-    monkeypatch.setattr(MemorySweeps, "run", lambda self, *a: swept.append(run(self, *a)) or swept[-1])
+    Stepper = semisup_step.SemiSupStepper
+    run, decode, targets = Stepper._memory_targets, sam2_memory.memory_decode, Stepper._targets
+    monkeypatch.setattr(Stepper, "_memory_targets", lambda self, *a: swept.append(run(self, *a)) or swept[-1])
     monkeypatch.setattr(semisup_step, "memory_decode",
                         lambda ad, emb, t, label, hw: decoded.append(t) or decode(ad, emb, t, label, hw))
-    monkeypatch.setattr(semisup_step.SemiSupStepper, "_targets",
+    monkeypatch.setattr(Stepper, "_targets",
                         lambda self, logits, untrusted: teacher_logits.append(logits.clone()) or targets(self, logits, untrusted))
     outcome, _ = train(tmp_path / "mem", lab, unl, backbone, iterations=5, confidence=0.0, memory_path=True,
                        class_guard=False)
     assert swept and decoded, "the teacher propagated and the student decoded through memory"
     assert any(t.state is not None for t in decoded), "non-key slices are decoded from memory-conditioned features"
     # Every class the sweeps reached on a slice gave that slice's teacher logits (the engine's output).
-    reached = [t for found in swept for t in found.values()]
+    reached = [t for found in swept for per_slice in found.values() for t in per_slice.values()]
+    assert reached
     assert all(any(np.array_equal(t.logits, row.numpy()) for lg in teacher_logits for row in lg[0]) for t in reached)
     assert outcome.last["unsup_decoder"] > 0
     swept.clear()
     decoded.clear()
     train(tmp_path / "key", lab, unl, backbone, iterations=5, confidence=0.0, class_guard=False)
     assert not swept and not decoded, "without the switch the memory path is not used"
+
+
+def test_labeled_slices_train_the_decoder_on_memory_conditioned_features(data, backbone, tmp_path: Path,  # noqa: F811
+                                                                          monkeypatch):
+    from sss_lib.trainer import sam2_memory, semisup_step
+    from sss_lib.trainer.sam2_memory import labeled_key_prompt
+
+    labels = np.zeros((5, 20, 30), np.int64)
+    labels[1, 5:9, 10:14] = 2
+    labels[3, 4:12, 8:20] = 2  # the largest area: the key slice
+    prompt = labeled_key_prompt(labels, 2, (1.0, 1.0), 3)
+    assert prompt.key_slice == 3 and prompt.box == (5.0, 1.0, 22.0, 14.0) and len(prompt.positive_points) == 1
+    assert labeled_key_prompt(labels, 1, (1.0, 1.0), 3) is None
+
+    lab, unl = data
+    decoded: list = []
+    decode = sam2_memory.memory_decode
+    monkeypatch.setattr(semisup_step, "memory_decode",
+                        lambda ad, emb, t, label, hw: decoded.append(t) or decode(ad, emb, t, label, hw))
+    outcome, steps = train(tmp_path / "sup", lab, unl, backbone, iterations=3, consistency=False, memory_path=True,
+                           class_guard=False)
+    assert any(t.state is not None and t.key_prompt is None for t in decoded), \
+        "supervised decoder samples off the key slice are decoded from the student's memory"
+    assert all(np.isfinite(r.losses["decoder"]) for r in steps)

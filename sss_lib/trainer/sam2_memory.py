@@ -16,7 +16,11 @@ decode. With it, for every class PCSW accepts on an unlabeled volume:
   features conditioned on the teacher's memory bank of the sweep that reached the slice (the
   memory SAM-2 had when it tracked the slice), with gradients into the prompt encoder and mask
   decoder. Memory attention and the memory encoder stay frozen (they are not task-model parts).
-  A key slice is decoded from its key prompt, as the engine does.
+  A key slice is decoded from its key prompt, as the engine does;
+* **labeled slices** (supervised): half of the decoder's samples (a seeded coin each) that lie off
+  their class's key slice (:func:`labeled_key_prompt`, PCSW's prompt from the label) are decoded
+  the same way, from the memory of the student's own propagation from that key slice, against
+  the label; the other half keep the prompted decode, so the decoder still learns to answer prompts.
 
 **(ours)** The training decode leaves out SAM-2's object-score gate (masks of an object it calls
 absent replaced by -1024), which has no gradient; where the object score is positive its logits
@@ -76,6 +80,24 @@ def key_prompts(probabilities: Mapping[int, np.ndarray], *, in_plane_spacing: tu
             p = res.prompt
             out[int(label)] = p if points else dataclasses.replace(p, positive_points=[], negative_points=[])
     return out
+
+
+def labeled_key_prompt(labels: np.ndarray, label: int, spacing_xy: tuple[float, float],
+                       margin_px: int) -> SlicePrompt | None:
+    """The key-slice prompt PCSW makes from a perfect coarse map (steps 6-7 of SSS_METHOD.md
+    section 2): the slice where ``label`` has its largest area, its tight box plus ``margin_px``,
+    and its deepest pixel as positive point. None where the class is absent from ``labels``
+    ``(S, H, W)``."""
+    from ..pcsw.geometry import deepest_point, tight_box
+
+    areas = (labels == label).sum(axis=(1, 2))
+    if not areas.any():
+        return None
+    key = int(areas.argmax())
+    mask = labels[key] == label
+    x, y = deepest_point(mask, spacing_xy)
+    return SlicePrompt(key, tuple(float(v) for v in tight_box(mask, margin_px)),  # type: ignore[arg-type]
+                       [(float(x), float(y))], [], source="auto")
 
 
 class MemorySweeps:

@@ -146,8 +146,9 @@ class SemiSupConfig:
         memory_path: SAM-2 backbones only: the teacher's pseudo-label of a slice is SAM-2's memory
             propagation from PCSW's key slice (what Auto-segment gives there), and the decoder's
             consistency decodes the slice's memory-conditioned features
-            (:mod:`sss_lib.trainer.sam2_memory`); False (default): both use a memory-free key-slice
-            decode of every slice from its own prompt. Needs PCSW.
+            (:mod:`sss_lib.trainer.sam2_memory`), as do half of the labeled decoder samples off their
+            class's key slice (also in supervised-only runs); False (default): every decode is a
+            memory-free key-slice decode from the slice's own prompt. Needs PCSW.
         strong: the strong augmentation's settings.
     """
 

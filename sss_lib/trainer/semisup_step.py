@@ -62,7 +62,7 @@ from .adapters import DecoderAdapter
 from .data import LabeledCase
 from .distributed import DistContext
 from .losses import coarse_loss, mask_loss
-from .sam2_memory import MemorySweeps, key_prompts, memory_decode
+from .sam2_memory import MemorySweeps, key_prompts, labeled_key_prompt, memory_decode
 from .samples import ClassIndex, draw_samples
 from .semisup_config import SemiSupConfig
 from .slice_prompts import SlicePlan, box_slice_plans, pcsw_slice_plans
@@ -186,7 +186,7 @@ class SemiSupStepper:
             if cfg.semi_supervised and cfg.class_guard and not ctx.dist.distributed else None
         self.anchor: nn.ModuleDict | None = None
         #: SAM-2's memory path (``SemiSupConfig.memory_path``, :mod:`.sam2_memory`).
-        self.sweeps = memory_sweeps(self.adapter) if cfg.semi_supervised and cfg.memory_path else None
+        self.sweeps = memory_sweeps(self.adapter) if cfg.memory_path else None
         #: Class-wise adaptive confidence thresholds (``SemiSupConfig.adaptive_thresholds``).
         self.thresholds = ClassThresholds(len(ctx.labels) + 1, cfg.confidence, min(cfg.adaptive_floor, cfg.confidence)) \
             if cfg.semi_supervised and cfg.adaptive_thresholds else None
@@ -300,17 +300,40 @@ class SemiSupStepper:
                                ended_fraction=cfg.ended_fraction,
                                spacings_xy=[c.spacing_xy for c in self.ctx.labeled])
         total = None
-        mine = self.ctx.dist.shard(samples)
-        for sample in mine:
+        # Drawn for the global batch (every process the same), only with the memory path.
+        coins = self.rng.random(len(samples)) < 0.5 if self.sweeps is not None else np.zeros(len(samples), bool)
+        mine = self.ctx.dist.shard(list(zip(samples, coins)))
+        for sample, coin in mine:
             case = self.ctx.labeled[sample.case_index]
-            out = self.adapter.decode(case.session.embedding(sample.slice_index), case.labels.shape[1:],
-                                      sample.box, sample.positive, sample.negative)
+            emb = case.session.embedding(sample.slice_index)
+            reached = self._labeled_memory(sample) if coin else None
+            if reached is not None:
+                out = memory_decode(self.adapter, emb, reached, sample.label, case.labels.shape[1:])
+            else:
+                out = self.adapter.decode(emb, case.labels.shape[1:], sample.box, sample.positive, sample.negative)
             target = torch.from_numpy(sample.target).to(out.logits.device)
             loss, _ = mask_loss(out.logits.float(), target, out.iou.float(),
                                 out.object_score.float() if out.object_score is not None else None)
             total = loss if total is None else total + loss
         assert total is not None
         return total / len(mine)
+
+    def _labeled_memory(self, sample: Any) -> Any:
+        """The student's memory at a labeled sample's slice (:mod:`.sam2_memory`): propagated from
+        the class's key slice with its PCSW-style prompt from the label; None on the key slice or
+        where the propagation ends before the slice."""
+        assert self.sweeps is not None
+        case = self.ctx.labeled[sample.case_index]
+        prompt = labeled_key_prompt(case.labels, sample.label, case.spacing_xy, self.cfg.train.pcsw.box_margin_px)
+        if prompt is None or prompt.key_slice == sample.slice_index:
+            return None
+        self.adapter.train(False)  # propagate as the engine does (eval mode)
+        try:
+            reached = self.sweeps.run(case.session.embedding, tuple(case.labels.shape), sample.label, prompt,
+                                      [sample.slice_index])
+        finally:
+            self.adapter.train(self.cfg.train.train_decoder)
+        return reached.get(sample.slice_index)
 
     # -- unsupervised ----------------------------------------------------------------------------
     def _unsupervised(self) -> tuple[torch.Tensor, dict[str, float]]:
