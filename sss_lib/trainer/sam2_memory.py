@@ -106,6 +106,9 @@ class MemorySweeps:
     Args:
         backbone: the :class:`~sss_lib.backbones.sam2_backbone.Sam2Backbone` (its decoder modules
             are the teacher's while :meth:`run` runs; see ``semisup_step.swapped_modules``).
+
+    Each state keeps every tracked slice's memory (``sss_new_state``'s ``forget_behind`` off):
+    :func:`memory_decode` reads it afterwards at slices the sweep has passed.
     """
 
     def __init__(self, backbone: Any) -> None:
