@@ -168,14 +168,19 @@ CASES = {"lung1": ("lung1_crop_image.nrrd", "lung1_crop_label.nrrd"),
          "brain1": ("brain1_image.nrrd", "brain1_label.nrrd")}
 
 
-def runtimes_worker(rounds: int, sam2_size: int) -> dict:
+def runtimes_worker(rounds: int, sam2_size: int, cases: tuple[str, ...] = tuple(CASES)) -> dict:
     """LiteMedSAM's image encoder in each CPU runtime, side by side in this one process.
 
-    Timing: the runtimes take turns on the same lung1 slices (``rounds`` slices each, after one
-    warm-up), so a change of load on a shared machine hits them alike; the median is reported.
-    Dice: each runtime segments both bundled cases from the demo's box (a fresh session each).
-    ``chosen`` is what ``build_backbone("litemedsam", device="cpu")`` picks. SAM-2.1 tiny (random
-    init, ``sam2_size`` px) is timed the same way when ``sam2_size`` > 0 (no Dice: untrained).
+    Rows: torch fp32, then every runtime offered on this CPU (OpenVINO f32, ONNX Runtime, OpenVINO
+    bf16 where the CPU computes bf16 natively); ``chosen`` marks what ``"auto"`` picks
+    (``build_backbone("litemedsam", device="cpu")``). Timing: the runtimes take turns on the same
+    lung1 slices (``rounds`` slices each, after one warm-up), so a change of load on a shared machine
+    hits them alike; the median wall time and the median process CPU time per slice are reported
+    (CPU time moves less with other processes' load). ``build_s``: building the backbone in this
+    process with the export already cached (what a new process pays before its first slice).
+    Dice: each runtime segments both bundled cases from the demo's box (a fresh session each) and is
+    compared with torch fp32's Dice per case. SAM-2.1 tiny (random init, ``sam2_size`` px) is timed
+    the same way when ``sam2_size`` > 0 (no Dice: untrained).
     """
     import statistics
 
@@ -193,41 +198,51 @@ def runtimes_worker(rounds: int, sam2_size: int) -> dict:
     torch.set_num_threads(int(os.environ.get("SSS_BENCH_THREADS", os.cpu_count() or 1)))
     load_before = os.getloadavg()
     wanted = ["torch", "openvino", "onnxruntime", "openvino-bf16"]
-    chosen = build_backbone("litemedsam", device="cpu").encoder_runtime
-    backbones = {}
+    chosen = build_backbone("litemedsam", device="cpu").encoder_runtime  # exports and checks, once
+    backbones, build_s = {}, {}
     for name in wanted:
+        t0 = time.perf_counter()
         b = build_litemedsam_backbone(device="cpu", encoder_runtime=name)
         if b.encoder_runtime == name:  # a runtime not offered here falls back: skip the duplicate
-            backbones[name] = b
+            backbones[name], build_s[name] = b, time.perf_counter() - t0
     data = sample_data_dir()
     volume = read_volume(data / CASES["lung1"][0])
     slices = SegmentationSession(volume, backbones["torch"]).slices
     picks = np.linspace(10, len(slices) - 10, rounds).round().astype(int)
 
-    def timings(models: dict, images) -> tuple[dict, dict]:
-        times = {n: [] for n in models}
+    def timings(models: dict, images) -> tuple[dict, dict, dict]:
+        wall = {n: [] for n in models}
+        cpu = {n: [] for n in models}
         diffs = {n: 0.0 for n in models}
         for n, b in models.items():
             b.embed_slice(images[0])  # warm-up (first-call allocations, thread pools)
         for img in images:
             ref = None
             for n, b in models.items():
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 emb = b.embed_slice(img)
-                times[n].append(time.perf_counter() - t0)
+                wall[n].append(time.perf_counter() - t0)
+                cpu[n].append(time.process_time() - c0)
                 feats = [f.float() for f in (emb.features if isinstance(emb.features, tuple) else (emb.features,))]
                 if ref is None:
                     ref = feats
                 diffs[n] = max(diffs[n], max(float((f - r).abs().max()) for f, r in zip(feats, ref)))
-        return ({n: 1000 * statistics.median(t) for n, t in times.items()}, diffs)
+        med = statistics.median
+        return ({n: 1000 * med(t) for n, t in wall.items()}, {n: 1000 * med(t) for n, t in cpu.items()}, diffs)
 
-    ms, diffs = timings(backbones, [slices[i] for i in picks])
+    def precision(b) -> str:
+        return b.encoder.precision if b.encoder is not None else "f32"
+
+    ms, cpu_ms, diffs = timings(backbones, [slices[i] for i in picks])
     rows = []
     for name, b in backbones.items():
-        row = {"model": "litemedsam", "image_size": 256, "runtime": name, "ms_per_slice": ms[name],
-               "speedup_vs_torch": ms["torch"] / ms[name], "max_abs_diff_vs_torch": diffs[name],
+        row = {"model": "litemedsam", "image_size": 256, "runtime": name, "precision": precision(b),
+               "ms_per_slice": ms[name], "cpu_ms_per_slice": cpu_ms[name],
+               "speedup_vs_torch": ms["torch"] / ms[name], "cpu_speedup_vs_torch": cpu_ms["torch"] / cpu_ms[name],
+               "max_abs_diff_vs_torch": diffs[name], "build_s": build_s[name],
                "cache_key": b.cache_key(), "chosen": name == chosen}
-        for case, (image_file, label_file) in CASES.items():
+        for case in cases:
+            image_file, label_file = CASES[case]
             vol = read_volume(data / image_file)
             truth = read_label(data / label_file, reference=vol)
             prompts = box_prompt_from_label(truth)
@@ -238,22 +253,64 @@ def runtimes_worker(rounds: int, sam2_size: int) -> dict:
         rows.append(row)
         print(f"done litemedsam {name}", file=sys.stderr)
     for row in rows:
-        row["dice_within_0.005"] = all(abs(row[f"dice_{c}"] - rows[0][f"dice_{c}"]) <= 0.005 for c in CASES)
+        for c in cases:
+            row[f"dice_change_{c}"] = row[f"dice_{c}"] - rows[0][f"dice_{c}"]
+        row["dice_within_0.005"] = bool(cases) and all(abs(row[f"dice_change_{c}"]) <= 0.005 for c in cases)
+    side_by_side = _side_by_side(backbones, rounds)
+    auto = next(r for r in rows if r["chosen"])
+    targets = {"ms_per_slice_at_most": 300.0, "speedup_at_least": 4.0, "dice_change_at_most": 0.005,
+               "auto_runtime": chosen, "auto_ms_per_slice": auto["ms_per_slice"],
+               "auto_speedup_vs_torch": auto["speedup_vs_torch"],
+               "met": bool(auto["ms_per_slice"] <= 300.0 and auto["speedup_vs_torch"] >= 4.0
+                           and auto["dice_within_0.005"])}
     if sam2_size:
         sams = {}
         for name in wanted:
+            t0 = time.perf_counter()
             b = build_sam2_backbone("sam2.1_hiera_tiny", image_size=sam2_size, random_init=True,
                                     encoder_runtime=name)
             if b.encoder_runtime == name:
-                sams[name] = b
-        ms2, diffs2 = timings(sams, [slices[i] for i in picks[: max(2, rounds // 2)]])
+                sams[name], build_s[name] = b, time.perf_counter() - t0
+        ms2, cpu2, diffs2 = timings(sams, [slices[i] for i in picks[: max(2, rounds // 2)]])
         rows += [{"model": "sam2.1_hiera_tiny (random init)", "image_size": sam2_size, "runtime": n,
-                  "ms_per_slice": ms2[n], "speedup_vs_torch": ms2["torch"] / ms2[n],
-                  "max_abs_diff_vs_torch": diffs2[n], "chosen": n == chosen} for n in sams]
-    bf16 = "openvino-bf16" in backbones
-    return {"runs": rows, "chosen": chosen, "bf16_offered": bf16, "timing_rounds": int(rounds),
-            "openvino_cpu_capabilities": _ov_capabilities(), "export_count": er.export_count,
+                  "precision": precision(b), "ms_per_slice": ms2[n], "cpu_ms_per_slice": cpu2[n],
+                  "speedup_vs_torch": ms2["torch"] / ms2[n], "cpu_speedup_vs_torch": cpu2["torch"] / cpu2[n],
+                  "max_abs_diff_vs_torch": diffs2[n], "build_s": build_s[n], "chosen": n == chosen}
+                 for n, b in sams.items()]
+    return {"runs": rows, "chosen": chosen, "targets": targets, "side_by_side": side_by_side,
+            "bf16_offered": "openvino-bf16" in backbones,
+            "openvino_bf16_hint_computes_in": er.openvino_cpu_precision("bf16"),
+            "timing_rounds": int(rounds), "openvino_cpu_capabilities": _ov_capabilities(),
+            "torch_threads": torch.get_num_threads(), "export_count": er.export_count,
             "load_average_before": load_before, "load_average_after": os.getloadavg()}
+
+
+def _side_by_side(backbones: dict, rounds: int) -> dict:
+    """The encoder alone (no preprocessing), one slice at a time against ``run_many`` (OpenVINO's
+    THROUGHPUT streams, slices side by side), taking turns on the same inputs; ms per slice."""
+    import statistics
+
+    import torch
+
+    out = {}
+    for name, b in backbones.items():
+        if b.encoder is None:
+            continue
+        xs = [torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+        b.encoder.run_many(xs[:2])  # compiles the THROUGHPUT model (from OpenVINO's cache after once)
+        b.encoder(xs[0])
+        one, many = [], []
+        for _ in range(max(1, rounds // 3)):
+            t0 = time.perf_counter()
+            for x in xs:
+                b.encoder(x)
+            one.append((time.perf_counter() - t0) / len(xs))
+            t0 = time.perf_counter()
+            b.encoder.run_many(xs)
+            many.append((time.perf_counter() - t0) / len(xs))
+        out[name] = {"one_at_a_time_ms": 1000 * statistics.median(one),
+                     "side_by_side_ms": 1000 * statistics.median(many), "slices_per_call": len(xs)}
+    return out
 
 
 def _ov_capabilities() -> list[str]:
@@ -265,14 +322,30 @@ def _ov_capabilities() -> list[str]:
 
 
 def runtimes_main(args: argparse.Namespace) -> None:
-    out = runtimes_worker(args.rounds, args.sam2_size)
+    out = runtimes_worker(args.rounds, args.sam2_size, tuple(c for c in args.cases.split(",") if c))
     path = write_results(args.name or "engine_cpu_runtimes", out)
-    headers = ["model", "size", "runtime", "ms/slice", "vs torch", "max abs diff", "Dice lung1", "Dice brain1", "chosen"]
-    table = [[r["model"], r["image_size"], r["runtime"], round(r["ms_per_slice"]), f"{r['speedup_vs_torch']:.2f}x",
-              f"{r['max_abs_diff_vs_torch']:.1e}", r.get("dice_lung1", "-"), r.get("dice_brain1", "-"),
-              "yes" if r["chosen"] else ""] for r in out["runs"]]
+    headers = ["model", "size", "runtime", "computes in", "ms/slice", "vs torch fp32", "CPU ms/slice",
+               "CPU vs torch", "max abs diff", "build s", "Dice lung1 (change)", "Dice brain1 (change)", "auto"]
+
+    def dice_cell(r: dict, case: str) -> str:
+        return f"{r[f'dice_{case}']:.4f} ({r[f'dice_change_{case}']:+.4f})" if f"dice_{case}" in r else "-"
+
+    table = [[r["model"], r["image_size"], r["runtime"], r["precision"], round(r["ms_per_slice"]),
+              f"{r['speedup_vs_torch']:.2f}x", round(r["cpu_ms_per_slice"]), f"{r['cpu_speedup_vs_torch']:.2f}x",
+              f"{r['max_abs_diff_vs_torch']:.1e}", f"{r['build_s']:.1f}", dice_cell(r, "lung1"),
+              dice_cell(r, "brain1"), "yes" if r["chosen"] else ""] for r in out["runs"]]
     print(markdown_table(headers, table))
-    print(f"\nload average before {out['load_average_before']}, after {out['load_average_after']}; written {path}")
+    t = out["targets"]
+    print(f"\nauto chooses {t['auto_runtime']}: {t['auto_ms_per_slice']:.0f} ms/slice, "
+          f"{t['auto_speedup_vs_torch']:.2f}x torch fp32 (targets <= {t['ms_per_slice_at_most']:.0f} ms, "
+          f">= {t['speedup_at_least']:.0f}x, Dice change <= {t['dice_change_at_most']}): "
+          f"{'met' if t['met'] else 'NOT met'}")
+    for name, v in out["side_by_side"].items():
+        print(f"{name}, encoder alone: {v['one_at_a_time_ms']:.0f} ms/slice one at a time, "
+              f"{v['side_by_side_ms']:.0f} ms/slice {v['slices_per_call']} side by side (run_many)")
+    print(f"OpenVINO's bf16 hint computes in {out['openvino_bf16_hint_computes_in']} on this CPU "
+          f"(capabilities {', '.join(out['openvino_cpu_capabilities'])}); torch threads {out['torch_threads']}")
+    print(f"load average before {out['load_average_before']}, after {out['load_average_after']}; written {path}")
 
 
 def main() -> None:
@@ -284,6 +357,7 @@ def main() -> None:
     parser.add_argument("--runtimes", action="store_true", help="compare the CPU encoder runtimes (one process)")
     parser.add_argument("--rounds", type=int, default=7, help="--runtimes: slices timed per runtime")
     parser.add_argument("--sam2-size", type=int, default=1024, help="--runtimes: SAM-2 tiny input (0: skip)")
+    parser.add_argument("--cases", default=",".join(CASES), help="--runtimes: bundled cases segmented for Dice")
     args = parser.parse_args()
     if args.runtimes:
         runtimes_main(args)

@@ -114,7 +114,7 @@ def test_runtimes_match_torch_and_reuse_the_cached_export(module, tmp_path) -> N
     onnx = folder / "model.onnx"
     mtime = onnx.stat().st_mtime_ns
     record = json.loads((folder / "model.json").read_text())
-    (check_file,) = folder.glob("check-openvino-*.json")
+    (check_file,) = folder.glob("check2-openvino-*.json")
     check = json.loads(check_file.read_text())
     assert check["passed"] and check["max_abs_diff"] < 1e-4 and check["onnx_sha256"] == record["onnx_sha256"]
 
@@ -124,7 +124,21 @@ def test_runtimes_match_torch_and_reuse_the_cached_export(module, tmp_path) -> N
     assert (again.name, ort.name) == ("openvino", "onnxruntime")
     same_as_torch(ort, module)
     assert er.export_count == before + 1 and onnx.stat().st_mtime_ns == mtime
-    assert len(list(folder.glob("check-onnxruntime-*.json"))) == 1
+    assert len(list(folder.glob("check2-onnxruntime-*.json"))) == 1
+
+
+def test_run_many_gives_each_input_its_own_output_in_order(module, tmp_path) -> None:
+    xs = [torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(10 + i)) for i in range(5)]
+    with torch.inference_mode():
+        refs = [module(x) for x in xs]
+    for name in ("openvino", "onnxruntime"):
+        runtime = build(module, tmp_path, name)
+        outs = runtime.run_many(xs)
+        assert len(outs) == len(xs)
+        for out, ref in zip(outs, refs):
+            assert len(out) == 2
+            assert all(torch.allclose(o, r, atol=1e-5, rtol=0) for o, r in zip(out, ref))
+        assert runtime.run_many(xs[:1])[0][1].shape == refs[0][1].shape  # one input: the plain path
 
 
 def test_other_weights_get_another_export(module, tmp_path) -> None:
@@ -177,7 +191,7 @@ def test_failed_check_falls_back_with_one_warning(module, tmp_path, monkeypatch,
         runtime = build(module, tmp_path)
     assert runtime.name == "onnxruntime"
     assert len(caplog.records) == 1 and "differs from torch's" in caplog.text and "using onnxruntime" in caplog.text
-    (check_file,) = folder_of(tmp_path).glob("check-openvino-*.json")
+    (check_file,) = folder_of(tmp_path).glob("check2-openvino-*.json")
     assert json.loads(check_file.read_text())["passed"] is False
     # The recorded failure is honoured without comparing again, even with the tolerance restored.
     monkeypatch.setitem(er.TOLERANCE, "openvino", 1e-3)
@@ -210,12 +224,52 @@ def test_bf16_only_where_the_cpu_has_it(module, tmp_path, caplog) -> None:
     import openvino as ov
 
     native = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    # Without native bf16 OpenVINO takes the hint and computes in f32 all the same.
+    assert er.openvino_cpu_precision("bf16") == ("bf16" if native else "f32")
+    assert er.openvino_cpu_precision("f32") == "f32"
     with caplog.at_level(logging.WARNING, logger=WARN):
         runtime = build(module, tmp_path, "openvino-bf16")
     if native:
         assert runtime.name == "openvino-bf16" and runtime.cache_suffix == "+openvino-bf16"
+        assert runtime.precision == "bf16"
     else:
-        assert runtime.name == "openvino" and "no native bf16" in caplog.text
+        assert runtime.name == "openvino" and runtime.precision == "f32" and "no native bf16" in caplog.text
+
+
+def _outputs(module, x) -> list[np.ndarray]:
+    with torch.inference_mode():
+        return [o.float().numpy() for o in module(x)]
+
+
+def test_check_tolerance_fits_the_precision_and_catches_broken_exports(module) -> None:
+    """bf16 arithmetic passes the bf16 check only; exports that compute something else pass neither."""
+    import copy
+
+    x = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
+    ref = _outputs(module, x)
+    # The same network computed in bf16 (weights and activations), as a bf16 runtime does.
+    bf16 = [o.astype(np.float32) for o in _outputs(copy.deepcopy(module).to(torch.bfloat16), x.to(torch.bfloat16))]
+
+    no_bias = copy.deepcopy(module)
+    with torch.no_grad():
+        no_bias.b.bias.zero_()
+    other_weights = copy.deepcopy(module)
+    with torch.no_grad():
+        other_weights.a.weight.mul_(1.1)
+    swapped = [ref[0][:, [1, 0, *range(2, 8)]], ref[1]]  # two channels in the wrong order
+    broken = {"lost bias": _outputs(no_bias, x), "weights 10% off": _outputs(other_weights, x),
+              "channels swapped": swapped, "levels swapped": [ref[1], ref[0]], "missing level": ref[:1]}
+
+    def passed(name, outs):
+        return er.compare_outputs(name, "v", "sha", outs, ref).passed
+
+    assert passed("openvino", ref) and passed("openvino-bf16", ref)
+    assert passed("openvino-bf16", bf16) and not passed("openvino", bf16)
+    check = er.compare_outputs("openvino-bf16", "v", "sha", bf16, ref)
+    assert 0 < check.rel_l2_diff < check.rel_l2_tolerance
+    for what, outs in broken.items():
+        for name in ("openvino", "onnxruntime", "openvino-bf16"):
+            assert not passed(name, outs), (what, name)
 
 
 # ------------------------------------------------------------------------------ real networks
