@@ -118,8 +118,13 @@ def test_runtimes_match_torch_and_reuse_the_cached_export(module, tmp_path) -> N
     check = json.loads(check_file.read_text())
     assert check["passed"] and check["max_abs_diff"] < 1e-4 and check["onnx_sha256"] == record["onnx_sha256"]
 
+    # OpenVINO's compiled model is kept (a new process loads it instead of compiling again).
+    blobs = {b.name: b.stat().st_mtime_ns for b in (folder / "openvino-cache").iterdir()}
+    assert any(name.endswith(".blob") for name in blobs)
+
     # Second build, and the other runtime: the same export, no new one.
     again = build(module, tmp_path, "openvino")
+    assert {b.name: b.stat().st_mtime_ns for b in (folder / "openvino-cache").iterdir()} == blobs
     ort = build(module, tmp_path, "onnxruntime")
     assert (again.name, ort.name) == ("openvino", "onnxruntime")
     same_as_torch(ort, module)
