@@ -297,3 +297,17 @@ def test_engine_result_is_the_same_with_every_embedding_on_disk(sam2_to_span_edg
     # The engine's own store gets the default RAM budget on a CPU (or $SSS_EMBEDDING_RAM_MB's).
     monkeypatch.setenv(RAM_BUDGET_ENV, "1")
     assert SegmentationSession(volume, sam2_to_span_edge).store.ram_bytes == 2**20
+
+
+def test_half_embeddings_keep_float32_beyond_float16_range():
+    from sss_lib.backbones.sam2_backbone import Sam2Embedding, _to_half
+
+    small = Sam2Embedding((torch.randn(1, 4, 8, 8), torch.randn(1, 2, 4, 4).to(torch.bfloat16)), 64)
+    half = _to_half(small)
+    assert half.features[0].dtype == torch.float16 and torch.equal(half.features[0], small.features[0].half())
+    assert half.features[1] is small.features[1]  # only float32 is converted
+    for big in (70000.0, -70000.0):
+        f = torch.zeros(1, 4, 8, 8)
+        f[0, 1, 2, 3] = big
+        emb = Sam2Embedding((torch.randn(1, 2, 4, 4), f), 64)
+        assert _to_half(emb) is emb  # one value beyond float16's range keeps the slice float32

@@ -226,8 +226,12 @@ def _to_half(emb: Sam2Embedding) -> Sam2Embedding:
     float16's range."""
     import torch
 
-    if any(f.dtype == torch.float32 and f.abs().max() > torch.finfo(torch.float16).max for f in emb.features):
-        return emb
+    limit = torch.finfo(torch.float16).max
+    for f in emb.features:
+        if f.dtype == torch.float32 and f.numel():
+            low, high = torch.aminmax(f)  # (not f.abs().max(): no full-size temporary per slice)
+            if high > limit or -low > limit:
+                return emb
     half = tuple(f.to(torch.float16) if f.dtype == torch.float32 else f for f in emb.features)
     return dataclasses.replace(emb, features=half)
 
