@@ -26,6 +26,7 @@ import numpy as np
 from ..errors import PromptError, WeightsError
 from ..prompts import SlicePrompt
 from .base import Backbone, EmbeddingLookup, PropagationStep, span_steps
+from .decode_memo import DecodeMemo, weights_version
 from .litemedsam_stop import StopRule
 from .spans import Span
 
@@ -195,6 +196,28 @@ class LiteMedSamBackbone(Backbone):
                 "LiteMedSAM needs a box on each key slice (it was trained with boxes only); draw a box "
                 "around the object, or use a SAM-2 backbone for point-only prompts"
             )
+        memo = self.decode_memo()
+        memo_key = (tuple(float(v) for v in box), tuple((float(x), float(y)) for x, y in positive_points),
+                    tuple((float(x), float(y)) for x, y in negative_points))
+        hit = memo.get(emb, memo_key)
+        with torch.inference_mode():
+            if hit is not None:
+                low_res, iou_pred = hit
+            else:
+                low_res, iou_pred = self._run_decoder(emb, box, positive_points, negative_points)
+                memo.put(emb, memo_key, (low_res, iou_pred))
+            nh, nw = emb.resized_shape
+            up = F.interpolate(low_res, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+            up = F.interpolate(up[..., :nh, :nw], size=emb.slice_shape, mode="bilinear", align_corners=False)
+        return Decoded(up[0, 0].float().cpu().numpy(), iou_pred)
+
+    def _run_decoder(self, emb: LiteMedSamEmbedding, box: Sequence[float],
+                     positive_points: Sequence[tuple[float, float]],
+                     negative_points: Sequence[tuple[float, float]]) -> tuple["torch.Tensor", float]:
+        """The prompt encoder and mask decoder (inference mode): ``(1, 1, 256, 256)`` low-res
+        logits over the padded input, and the IoU head's score."""
+        import torch
+
         dev = self.device
         boxes = torch.tensor([[list(box)]], dtype=torch.float32, device=dev) * emb.scale
         points = None
@@ -206,19 +229,32 @@ class LiteMedSamBackbone(Backbone):
             )
             points = (coords, labels)
         pe = self.net.prompt_encoder
-        with torch.inference_mode():
-            sparse, dense = pe(points=points, boxes=boxes, masks=None)
-            low_res, iou = self.net.mask_decoder(
-                image_embeddings=emb.features,
-                image_pe=pe.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=False,
-            )
-            nh, nw = emb.resized_shape
-            up = F.interpolate(low_res, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
-            up = F.interpolate(up[..., :nh, :nw], size=emb.slice_shape, mode="bilinear", align_corners=False)
-        return Decoded(up[0, 0].float().cpu().numpy(), float(iou.reshape(-1)[0]))
+        sparse, dense = pe(points=points, boxes=boxes, masks=None)
+        low_res, iou = self.net.mask_decoder(
+            image_embeddings=emb.features,
+            image_pe=self._dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )
+        return low_res, float(iou.reshape(-1)[0])
+
+    def decode_memo(self) -> DecodeMemo:
+        """The memo of decoder outputs, emptied (with the dense positional encoding) whenever the
+        prompt encoder's or mask decoder's weights changed since it was filled."""
+        version = weights_version(self.net.prompt_encoder, self.net.mask_decoder)
+        memo: DecodeMemo | None = getattr(self, "_memo", None)
+        if memo is None or memo.version != version:
+            memo = self._memo = DecodeMemo(version)
+            self._pe = None
+        return memo
+
+    def _dense_pe(self) -> "torch.Tensor":
+        """The prompt encoder's ``(1, 256, 64, 64)`` dense positional encoding: a function of its
+        fixed Gaussian matrix alone, so computed once (per weights version) instead of per decode."""
+        if getattr(self, "_pe", None) is None:
+            self._pe = self.net.prompt_encoder.get_dense_pe()
+        return self._pe
 
     # -- task models (coarse head input) ------------------------------------------------------------
     def coarse_features(self, embedding: LiteMedSamEmbedding) -> list["torch.Tensor"]:
