@@ -9,7 +9,9 @@ less time. :func:`build_encoder_runtime` picks one:
 * ``"openvino"``, ``"onnxruntime"``: that one first, then the others in the same order;
 * ``"openvino-bf16"``: OpenVINO with its bf16 precision hint, offered only where the CPU computes
   bf16 natively; its features differ from fp32 beyond the check's fp32 tolerance, so a backbone that
-  uses it adds :attr:`EncoderRuntime.cache_suffix` to its embedding cache key;
+  uses it adds :attr:`EncoderRuntime.cache_suffix` to its embedding cache key. "auto" never picks
+  it: whether bf16 keeps Dice within 0.005 per bundled case is for ``bench_engine.py --runtimes`` to
+  show on such a CPU (on AVX2-only CPUs OpenVINO takes the hint and computes in f32 anyway);
 * ``"torch"``: no runtime (the backbone runs its torch module, ``None`` is returned).
 
 The export is made once and cached in the SSS cache folder, beside the weights::
@@ -22,7 +24,8 @@ The export is made once and cached in the SSS cache folder, beside the weights::
 
 A cached export whose SHA-256 differs from ``model.json`` (a damaged file) is exported again.
 Each runtime (and runtime version) compares its output with the torch module's on a fixed input
-once; the result is kept in its check file. A runtime that is missing, fails to load, or fails the
+once, with bounds that fit its precision (:data:`TOLERANCE`, :data:`REL_L2_TOLERANCE`); the result
+is kept in its check file. A runtime that is missing, fails to load, or fails the
 check is skipped with one logged warning and the next one is used, down to torch: choosing a
 runtime never fails for the user.
 
