@@ -131,15 +131,16 @@ def test_both_trainers_train_on_the_views(dataset, backbone, tmp_path):
     from sss_lib.trainer.semisup_loop import run_training
 
     def supervised(views: int):
-        cfg = TrainConfig(dataset, tmp_path / f"sup{views}.ssstask", iterations=3, seed=2, head_batch=2, decoder_batch=1,
-                          head_width=16, val_cases=(), weak_views=views)
+        cfg = TrainConfig(dataset, tmp_path / f"sup{views}.ssstask", iterations=3, seed=2, head_batch=2,
+                          decoder_batch=1, head_width=16, val_cases=(), weak_views=views)
         return train_task_model(cfg, backbone=backbone).model
 
     def via_run(views: int):
         cfg = TrainConfig(dataset, tmp_path / "unused.ssstask", iterations=3, seed=2, head_batch=2, decoder_batch=1,
                           head_width=16, val_cases=(), weak_views=views)
         run = SemiSupConfig(train=cfg, run_dir=tmp_path / f"run{views}", consistency=False, checkpoint_every=3)
-        outcome = run_training(run, backbone=backbone, reporter=ProgressReporter(3, json_lines=False, console_view=False))
+        reporter = ProgressReporter(3, json_lines=False, console_view=False)
+        outcome = run_training(run, backbone=backbone, reporter=reporter)
         from sss_lib.task_model import load_task_model
 
         return load_task_model(outcome.model_path)

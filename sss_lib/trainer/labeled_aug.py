@@ -103,7 +103,8 @@ def make_weak_views(cases: Sequence[Any], backbone: Backbone, views: int, seed: 
         for v in range(views):
             drawn = augment.draw(1, view_generator(seed, case.case_id, v))
             params = WeakParams(**{f.name: getattr(drawn, f.name).expand(n) for f in dataclasses.fields(WeakParams)})
-            images, labels = augment.apply(torch.from_numpy(stack), torch.from_numpy(case.labels.astype(np.int64)), params)
+            images, labels = augment.apply(torch.from_numpy(stack), torch.from_numpy(case.labels.astype(np.int64)),
+                                           params)
             assert labels is not None
             images_np = np.ascontiguousarray(images.clamp(0.0, 1.0).numpy(), dtype=np.float32)
             # The view's identity is its content: a shared store can never confuse two views.
