@@ -30,8 +30,20 @@ def weights_version(*modules: Any) -> tuple:
     """Changes whenever a parameter or buffer of ``modules`` (torch modules) is replaced or
     modified in place (``load_state_dict``, an optimiser step): their identities and the sum of
     their tensors' version counters."""
-    tensors = itertools.chain.from_iterable(itertools.chain(m.parameters(), m.buffers()) for m in modules)
-    return (tuple(id(m) for m in modules), sum(int(t._version) for t in tensors))
+    return WeightsWatch(*modules).version()
+
+
+class WeightsWatch:
+    """:func:`weights_version` of fixed ``modules``, cheap to ask again (asked once per decode): their
+    tensors are listed once, so it sees in-place changes (``load_state_dict``, optimiser steps) but
+    not a parameter object replaced by another; a new watch is needed for new modules."""
+
+    def __init__(self, *modules: Any) -> None:
+        self.ids = tuple(id(m) for m in modules)
+        self.tensors = [t for m in modules for t in itertools.chain(m.parameters(), m.buffers())]
+
+    def version(self) -> tuple:
+        return (self.ids, sum(t._version for t in self.tensors))
 
 
 class DecodeMemo:

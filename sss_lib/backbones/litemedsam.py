@@ -26,7 +26,7 @@ import numpy as np
 from ..errors import PromptError, WeightsError
 from ..prompts import SlicePrompt
 from .base import Backbone, EmbeddingLookup, PropagationStep, span_steps
-from .decode_memo import DecodeMemo, weights_version
+from .decode_memo import DecodeMemo, WeightsWatch
 from .litemedsam_stop import StopRule
 from .spans import Span
 
@@ -242,7 +242,11 @@ class LiteMedSamBackbone(Backbone):
     def decode_memo(self) -> DecodeMemo:
         """The memo of decoder outputs, emptied (with the dense positional encoding) whenever the
         prompt encoder's or mask decoder's weights changed since it was filled."""
-        version = weights_version(self.net.prompt_encoder, self.net.mask_decoder)
+        modules = (self.net.prompt_encoder, self.net.mask_decoder)
+        watch: WeightsWatch | None = getattr(self, "_watch", None)
+        if watch is None or watch.ids != tuple(id(m) for m in modules):
+            watch = self._watch = WeightsWatch(*modules)
+        version = watch.version()
         memo: DecodeMemo | None = getattr(self, "_memo", None)
         if memo is None or memo.version != version:
             memo = self._memo = DecodeMemo(version)
