@@ -130,7 +130,7 @@ def test_training_pseudo_labels_from_memory_and_decodes_memory_conditioned_featu
                         lambda ad, emb, t, label, hw: decoded.append(t) or decode(ad, emb, t, label, hw))
     monkeypatch.setattr(Stepper, "_targets",
                         lambda self, logits, untrusted: teacher_logits.append(logits.clone()) or targets(self, logits, untrusted))
-    outcome, _ = train(tmp_path / "mem", lab, unl, backbone, iterations=5, confidence=0.0, memory_path=True,
+    outcome, _ = train(tmp_path / "mem", lab, unl, backbone, iterations=4, confidence=0.0, memory_path=True,
                        class_guard=False)
     assert swept and decoded, "the teacher propagated and the student decoded through memory"
     assert any(t.state is not None for t in decoded), "non-key slices are decoded from memory-conditioned features"
@@ -141,7 +141,7 @@ def test_training_pseudo_labels_from_memory_and_decodes_memory_conditioned_featu
     assert outcome.last["unsup_decoder"] > 0
     swept.clear()
     decoded.clear()
-    train(tmp_path / "key", lab, unl, backbone, iterations=5, confidence=0.0, class_guard=False)
+    train(tmp_path / "key", lab, unl, backbone, iterations=4, confidence=0.0, class_guard=False)
     assert not swept and not decoded, "without the switch the memory path is not used"
 
 
