@@ -71,7 +71,8 @@ METHODS = {
 SAM2_ONLY = {"full_memory"}
 #: Settings that only semi-supervised training reads: the grid does not multiply "sup" by them.
 SSL_ONLY = {"confidence", "class_guard", "guard_margin", "lambda_u", "cutmix_p", "ema_decay", "lr_dfe",
-            "unsup_decoder_weight", "unsup_head_weight", "decoder_agreement", "teacher_points"}
+            "unsup_decoder_weight", "unsup_head_weight", "decoder_agreement", "teacher_points",
+            "adaptive_thresholds", "adaptive_floor", "dfe_to_decoder"}
 
 FULL = dict(train_cases=70, val_cases=10, test_cases=20, labeled=[1, 3, 7], size=None, fov_mm=None,
             slices=None, iterations=2000, train_seeds=[0, 1], grid=["confidence=0.95,0.99"])
