@@ -24,7 +24,9 @@ markers, or between a marker and an end of the stack.
   vote on every slice between them, each in proportion to its nearness, so a new key slice shifts
   the slices near it towards its own segmentation and those far from it only a little; on held-out
   cases (``benchmarks/bench_correction_validation.py``) it lowered 3D Dice in fewer correction
-  rounds than nearest-wins.
+  rounds than nearest-wins. Neither rule can promise that a correct box never lowers 3D Dice: the
+  new key slice's run may still be worse than the runs it replaces (brain1 round 3 under blend),
+  and a run into an outer span (no key slice beyond it) is as long as the stop rule lets it be.
 * A gap with no key slice on either side (between two absent markers, or between an absent marker
   and the stack's end, or a class with no key slice at all) is empty.
 
