@@ -17,13 +17,18 @@ Validation cases (none of them is a reported test case; lung1 and brain1 are lef
   the repository): four mid-size deep-grey regions that lie inside the crop (Caudate_L, Putamen_R,
   Pallidum_L, Thalamus_R).
 
-Embeddings are shared between the rules of a case (one :class:`EmbeddingStore`), so a rule costs
+``--correction-margin`` sets the margin (px) of the simulated user's correction boxes (default: the
+library's :data:`sss_lib.correction_sim.BOX_MARGIN_PX`); a comma list (``0,3``) runs every rule with
+each margin, and the results are then keyed ``"RULE, margin M"``. This is how the correction boxes'
+margin was chosen (``benchmarks/results/correction_validation_margin.md``).
+
+Embeddings are shared between the rules (and margins) of a case (one :class:`EmbeddingStore`), so a rule costs
 only its decodes. Default encoder runtime ``auto`` (OpenVINO where installed: Dice within 0.005 of
 torch, much faster on a CPU).
 
     python benchmarks/bench_correction_validation.py [--rounds 5] [--rules blend,nearest,blend_prob]
         [--cases brain2,lung2,...] [--pyradiomics-data DIR] [--encoder-runtime auto|torch|...]
-        [--name correction_validation]
+        [--correction-margin M[,M...]] [--name correction_validation]
 
 Writes ``benchmarks/results/NAME.json`` and ``NAME.md``.
 """
@@ -147,7 +152,8 @@ def wrong_per_slice(pred: np.ndarray, truth: np.ndarray) -> list[list[int]]:
     return [[int(a), int(b)] for a, b in zip(fp, fn)]
 
 
-def run_case(image, truth_volume, backbone, store, rule: str, rounds: int) -> dict:
+def run_case(image, truth_volume, backbone, store, rule: str, rounds: int, margin: int) -> dict:
+    """One simulated session; ``margin``: px around the simulated user's correction boxes."""
     from sss_lib.correction_sim import apply_correction, next_correction
     from sss_lib.demo import box_prompt_from_label
     from sss_lib.engine import SegmentationSession
@@ -162,7 +168,7 @@ def run_case(image, truth_volume, backbone, store, rule: str, rounds: int) -> di
              "dice_3d": float(dice(pred, truth)), "wrong_per_slice": wrong_per_slice(pred, truth)}]
     done = {p.key_slice for p in prompts.classes[0].prompts}
     for r in range(1, rounds + 1):
-        c = next_correction(truth, pred, done)
+        c = next_correction(truth, pred, done, margin=margin)
         if c is None:
             break
         s = c.slice_index
@@ -194,6 +200,9 @@ def main() -> None:
     parser.add_argument("--pyradiomics-data", default=None, help="folder with pyradiomics' data/*.nrrd")
     parser.add_argument("--encoder-runtime", default="auto")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--correction-margin", default=None,
+                        help="px around the simulated correction boxes, or a comma list to compare "
+                             "(default: sss_lib.correction_sim.BOX_MARGIN_PX)")
     parser.add_argument("--name", default="correction_validation")
     args = parser.parse_args()
 
@@ -201,51 +210,64 @@ def main() -> None:
 
     from sss_lib.backbones.litemedsam import build_litemedsam_backbone
     from sss_lib.backbones.spans import DEFAULT_SPAN_RULE, SPAN_RULES
+    from sss_lib.correction_sim import BOX_MARGIN_PX
     from sss_lib.embedding_cache import EmbeddingStore
 
     rules = args.rules.split(",")
     bad = [r for r in rules if r not in SPAN_RULES]
     if bad:
         sys.exit(f"error: unknown rule(s) {bad}; use {list(SPAN_RULES)}")
+    try:
+        margins = ([BOX_MARGIN_PX] if args.correction_margin is None
+                   else [int(m) for m in args.correction_margin.split(",")])
+    except ValueError:
+        sys.exit(f"error: --correction-margin {args.correction_margin!r}: give whole pixels, e.g. 3 or 0,3")
+    if any(m < 0 for m in margins):
+        sys.exit("error: --correction-margin must be >= 0 px")
+    # one setting per (rule, margin); keyed by the rule alone when a single margin is run
+    settings = {(rule if len(margins) == 1 else f"{rule}, margin {m}"): (rule, m) for rule in rules for m in margins}
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     cases = load_cases(args.cases.split(","), args.pyradiomics_data)
     backbone = build_litemedsam_backbone(device="cpu", encoder_runtime=args.encoder_runtime)
-    results: dict[str, dict[str, dict]] = {rule: {} for rule in rules}
+    results: dict[str, dict[str, dict]] = {key: {} for key in settings}
     for name, image, truth in cases:
         store = EmbeddingStore(max_volumes=1)
-        for rule in rules:
-            results[rule][name] = res = run_case(image, truth, backbone, store, rule, args.rounds)
-            print(f"{name:12s} {rule:10s} " + " -> ".join(f"{d:.3f}" for d in res["dice_per_round"])
+        for key, (rule, margin) in settings.items():
+            results[key][name] = res = run_case(image, truth, backbone, store, rule, args.rounds, margin)
+            print(f"{name:12s} {key:18s} " + " -> ".join(f"{d:.3f}" for d in res["dice_per_round"])
                   + f"  down {res['rounds_down']}", flush=True)
         store.close()
     load_after = os.getloadavg()
 
     table = []
-    for rule in rules:
+    for rule in settings:
         for name, res in results[rule].items():
             actions = "; ".join(row["action"] for row in res["rounds"][1:])
             table.append([rule, name, " -> ".join(f"{d:.3f}" for d in res["dice_per_round"]), res["rounds_down"],
                           f"{res['worst_drop']:.4f}", res["own_slice_down"], actions])
     summary = []
-    for rule in rules:
+    for rule in settings:
         rs = list(results[rule].values())
         summary.append([rule, sum(r["rounds_down"] for r in rs), sum(len(r["dice_per_round"]) - 1 for r in rs),
                         f"{max(r['worst_drop'] for r in rs):.4f}", sum(r["own_slice_down"] for r in rs),
                         f"{np.mean([r['dice_per_round'][0] for r in rs]):.3f}",
                         f"{np.mean([r['dice_per_round'][-1] for r in rs]):.3f}"])
-    md = ("Per rule: rounds where 3D Dice went down (of all correction rounds), the largest drop, "
+    md = ("Per setting (span rule, and correction box margin when several are run): rounds where 3D Dice went down (of all correction rounds), the largest drop, "
           "corrections that lowered Dice on their own slice, mean 3D Dice after round 0 and after the last round.\n\n"
-          + markdown_table(["rule", "rounds down", "rounds", "largest drop", "own slice down", "mean Dice round 0",
+          + markdown_table(["setting", "rounds down", "rounds", "largest drop", "own slice down", "mean Dice round 0",
                             "mean Dice last round"], summary)
-          + "\n\n" + markdown_table(["rule", "case", "3D Dice per round", "rounds down", "largest drop",
+          + "\n\n" + markdown_table(["setting", "case", "3D Dice per round", "rounds down", "largest drop",
                                      "own slice down", "corrections"], table)
-          + f"\n\nlibrary default rule: {DEFAULT_SPAN_RULE}; encoder runtime {args.encoder_runtime};"
+          + f"\n\nlibrary default rule: {DEFAULT_SPAN_RULE}; correction box margin(s) {margins} px"
+          f" (library default {BOX_MARGIN_PX}); encoder runtime {args.encoder_runtime};"
           f" load average (1, 5, 15 min) before {tuple(round(v, 2) for v in load_before)},"
           f" after {tuple(round(v, 2) for v in load_after)}")
     payload = {"backbone": "litemedsam", "encoder_runtime": args.encoder_runtime, "rounds": args.rounds,
-               "rules": rules, "default_rule": DEFAULT_SPAN_RULE, "results": results,
+               "rules": rules, "default_rule": DEFAULT_SPAN_RULE, "correction_margins": margins,
+               "library_correction_margin": BOX_MARGIN_PX,
+               "settings": {k: {"rule": r, "correction_margin": m} for k, (r, m) in settings.items()}, "results": results,
                "summary": {row[0]: {"rounds_down": row[1], "rounds": row[2], "largest_drop": float(row[3]),
                                     "own_slice_down": row[4], "mean_dice_round0": float(row[5]),
                                     "mean_dice_last": float(row[6])} for row in summary},
