@@ -182,7 +182,7 @@ class EmbeddingStore:
 
     def put(self, key: EmbeddingKey, slice_index: int, value: Any, *, computed: bool = False) -> None:
         """Store ``value``; ``computed`` counts it in :attr:`computed`. Applies every limit."""
-        size = nbytes_of(value) if (self.max_bytes is not None or self.ram_bytes is not None) else 0
+        size = nbytes_of(value)
         spillable = self.ram_bytes is not None and _flatten(value, []) is not None
         with self._lock:
             if computed:

@@ -311,3 +311,10 @@ def test_half_embeddings_keep_float32_beyond_float16_range():
         f[0, 1, 2, 3] = big
         emb = Sam2Embedding((torch.randn(1, 2, 4, 4), f), 64)
         assert _to_half(emb) is emb  # one value beyond float16's range keeps the slice float32
+
+
+def test_bytes_are_counted_without_any_limit():
+    store = EmbeddingStore()
+    for s in range(3):
+        store.put(KEY, s, slice_value(s))
+    assert store.bytes_used == 3 * nbytes_of(slice_value(0)) and store.ram_bytes_used == 0
