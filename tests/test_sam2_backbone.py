@@ -145,7 +145,8 @@ def test_matches_stock_sam2_video_predictor(backbone, stack, cache, monkeypatch)
     """Same logits as sam2's own predictor run on the same frames (its features computed on the
     fly): a key slice's span up is stock SAM-2's forward sweep from that prompt, its span down a
     backward sweep from the same prompt in a fresh state (a span's memory holds only its own key
-    slices); between two key slices both are conditioning frames, and the nearer one's sweep counts."""
+    slices); between two key slices both are conditioning frames, and each slice takes both sweeps'
+    logits weighted by distance (:func:`sss_lib.backbones.spans.blend_weight`)."""
     from hydra import compose
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
@@ -190,9 +191,9 @@ def test_matches_stock_sam2_video_predictor(backbone, stack, cache, monkeypatch)
     for s, logits in sweep(1, [a], 2, True).items():  # key 2 alone, down to 0 (and key 2 itself)
         expected[1, s] = logits
     between_up, between_down = sweep(1, [a, b], 2, False), sweep(1, [a, b], 6, True)
-    for s in (3, 4):
-        expected[1, s] = between_up[s]  # nearer key 2 (4 is a tie: the key below wins)
-    expected[1, 5] = between_down[5]
+    for s in (3, 4, 5):  # the "blend" span rule: distance-weighted mean of both sweeps' logits
+        w = (6 - s) / (6 - 2)
+        expected[1, s] = w * between_up[s] + (1 - w) * between_down[s]
     expected[1, 6] = sweep(1, [b], 6, False)[6]
     expected[1, 7] = sweep(1, [b], 6, False)[7]
     for s, logits in sweep(3, objects[3], 5, False).items():
