@@ -14,6 +14,7 @@ mask logits are cropped to the unpadded region and resized back to the slice's `
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -129,6 +130,12 @@ class LiteMedSamBackbone(Backbone):
     image_size = IMAGE_SIZE
     eager_embedding = False
     carry_points = False
+    #: torch threads the mask decoder runs on, on a CPU (None: torch's setting). One by default:
+    #: measured on a shared 2-core CPU (benchmarks/results/interactive_cpu*.json), a decode on two
+    #: threads took 0.5-1.1 CPU-s and 0.7-1.6 s wall, on one thread 0.2 CPU-s and 0.3 s wall: the
+    #: decoder's matrices are small, and its threads wait for each other whenever another process
+    #: holds a core. The image encoder keeps torch's (or its runtime's) threads.
+    decode_threads: int | None = 1
 
     def __init__(self, net: Any, weights_sha256: str, device: Any, stop_rule: StopRule | None = None,
                  encoder: "EncoderRuntime | None" = None) -> None:
@@ -204,7 +211,8 @@ class LiteMedSamBackbone(Backbone):
             if hit is not None:
                 low_res, iou_pred = hit
             else:
-                low_res, iou_pred = self._run_decoder(emb, box, positive_points, negative_points)
+                with self._decoder_threads():
+                    low_res, iou_pred = self._run_decoder(emb, box, positive_points, negative_points)
                 memo.put(emb, memo_key, (low_res, iou_pred))
             nh, nw = emb.resized_shape
             up = F.interpolate(low_res, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
@@ -238,6 +246,22 @@ class LiteMedSamBackbone(Backbone):
             multimask_output=False,
         )
         return low_res, float(iou.reshape(-1)[0])
+
+    @contextlib.contextmanager
+    def _decoder_threads(self) -> Iterator[None]:
+        """torch on :attr:`decode_threads` threads for the block (CPU only), restored after."""
+        import torch
+
+        n = self.decode_threads
+        before = torch.get_num_threads()
+        if n is None or torch.device(self.device).type != "cpu" or n == before:
+            yield
+            return
+        torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
     def decode_memo(self) -> DecodeMemo:
         """The memo of decoder outputs, emptied (with the dense positional encoding) whenever the
