@@ -123,7 +123,7 @@ def with_span_rule(backbone, rule: str):
     same embeddings' cache key)."""
     from sss_lib.backbones.base import PropagationStep
     from sss_lib.backbones.litemedsam_propagate import carry_run
-    from sss_lib.backbones.spans import Gate, resolve_span
+    from sss_lib.backbones.spans import Gate, resolve_span, run_stop
 
     class RuleBackbone(type(backbone)):  # type: ignore[misc]
         def propagate_span(self, slices, embedding, label, span):
@@ -133,8 +133,9 @@ def with_span_rule(backbone, rule: str):
                 return carry_run(self.decode, slices, embedding, key, direction, stop, self.stop_rule,
                                  carry_points=self.carry_points, gate=gates[direction])
 
-            forward = run(span.below, +1, span.hi + 1) if span.below is not None else None
-            backward = run(span.above, -1, span.lo - 1) if span.above is not None else None
+            # run_stop: "blend_agree" lets each run decode the far key slice too (to weigh it)
+            forward = run(span.below, +1, run_stop(span, +1, rule)) if span.below is not None else None
+            backward = run(span.above, -1, run_stop(span, -1, rule)) if span.above is not None else None
             for s, logits in resolve_span(span, forward, backward, gates, rule=rule):
                 yield PropagationStep(s, {label: logits})
 

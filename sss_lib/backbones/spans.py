@@ -27,10 +27,15 @@ markers, or between a marker and an end of the stack.
   rounds than nearest-wins. Neither rule can promise that a correct box never lowers 3D Dice: the
   new key slice's run may still be worse than the runs it replaces (brain1 round 3 under blend),
   and a run into an outer span (no key slice beyond it) is as long as the stop rule lets it be.
+* ``"blend_agree"`` (for comparison, not the default): as blend, but each run of a span with key
+  slices on both sides also decodes the far bounding key slice (one slice past the span, never
+  yielded), and its blend weight is multiplied by its agreement there (IoU with that key slice's
+  own segmentation, plus :data:`AGREE_FLOOR`) and renormalised, so a run that cannot even reproduce
+  the other user box counts less on the slices between them.
 * A gap with no key slice on either side (between two absent markers, or between an absent marker
   and the stack's end, or a class with no key slice at all) is empty.
 
-Under either rule a span's result depends only on the span's two bounding markers (their slices
+Under every rule a span's result depends only on the span's two bounding markers (their slices
 and prompts): editing one marker changes only the spans it bounds (the slices up to its
 neighbouring markers), which is what lets the engine recompute only those.
 """
@@ -38,11 +43,14 @@ neighbouring markers), which is what lets the engine recompute only those.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Callable, Iterator, Literal, Sequence
 
 import numpy as np
 
 from ..prompts import SlicePrompt, prompts_fingerprint
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,11 +161,25 @@ class Gate:
             yield s, None
 
 
-SpanRule = Literal["blend", "nearest", "blend_prob"]
+SpanRule = Literal["blend", "nearest", "blend_prob", "blend_agree"]
 #: The rule :func:`resolve_span` uses unless told otherwise (see the module docstring; chosen on
 #: held-out cases by ``benchmarks/bench_correction_validation.py``).
 DEFAULT_SPAN_RULE: SpanRule = "blend"
-SPAN_RULES: tuple[str, ...] = ("blend", "nearest", "blend_prob")
+SPAN_RULES: tuple[str, ...] = ("blend", "nearest", "blend_prob", "blend_agree")
+#: ``"blend_agree"``: the least agreement factor a run gets (so no run is ever weighted zero).
+AGREE_FLOOR = 0.05
+
+
+def run_stop(span: Span, direction: int, rule: str = DEFAULT_SPAN_RULE) -> int:
+    """The ``stop`` (first slice not decoded) of the run into ``span`` going ``direction`` (+1: from
+    ``span.below`` up, -1: from ``span.above`` down). Every rule stops a run at the span's far end,
+    except ``"blend_agree"`` in a span with key slices on both sides: there each run may decode one
+    slice more, the far bounding key slice, to measure its agreement with that key's own
+    segmentation (never yielded as a result)."""
+    far = span.hi + 1 if direction > 0 else span.lo - 1
+    if rule == "blend_agree" and span.below is not None and span.above is not None:
+        return far + direction
+    return far
 
 
 def resolve_span(span: Span, forward: Run | None, backward: Run | None,
@@ -176,6 +198,12 @@ def resolve_span(span: Span, forward: Run | None, backward: Run | None,
       distance: the key below); a run is let decode a slice only while it may still be its own.
     * ``"blend_prob"``: as ``"blend"``, but the weighted mean of the two probabilities (sigmoid),
       returned as logits (for comparison only).
+    * ``"blend_agree"``: as ``"blend"``, but in a span with key slices on both sides each run's
+      weight is also multiplied by its agreement on the far bounding key slice (see
+      :func:`agreement`) and the two weights renormalised. For that the runs must be made with
+      :func:`run_stop` (one slice past the span, onto the far key slice); that slice's decode is
+      only compared, never yielded. A run that ended before the far key slice counts as empty there.
+      The key slices' ``logits`` must be set (they are whenever a span is propagated).
 
     Yields each slice of the span at most once, each as ``(slice, (H, W) float32 logits)``.
     """
@@ -186,6 +214,8 @@ def resolve_span(span: Span, forward: Run | None, backward: Run | None,
     try:
         if rule == "nearest":
             yield from _resolve(span, runs, gates)
+        elif rule == "blend_agree" and forward is not None and backward is not None:
+            yield from _blend_agree(span, runs, gates)
         else:
             yield from _blend(span, runs, gates, probabilities=rule == "blend_prob")
     finally:
@@ -228,6 +258,63 @@ def _blend(span: Span, runs: dict[int, Run | None], gates: dict[int, Gate],
         below = from_below.pop(s, None)
         yield s, (above if below is None else _mix(below, above, blend_weight(span, s), probabilities))
     yield from sorted(from_below.items())
+
+
+def agreement(run_logits: np.ndarray | None, key_logits: np.ndarray) -> float:
+    """IoU of a run's mask on a key slice (None: the run never got there, an empty mask) with the
+    key slice's own segmentation, both ``(H, W)`` logits thresholded at 0; 1 when both are empty."""
+    key = key_logits > 0
+    if run_logits is None:
+        return 0.0 if key.any() else 1.0
+    run = run_logits > 0
+    union = int((run | key).sum())
+    return 1.0 if union == 0 else int((run & key).sum()) / union
+
+
+def agree_weight(span: Span, s: int, agree_below: float, agree_above: float,
+                 floor: float = AGREE_FLOOR) -> float:
+    """``"blend_agree"``: the weight of the run from below on slice ``s``: :func:`blend_weight`
+    times ``agree_below + floor``, over that plus the run from above's ``(1 - blend_weight) *
+    (agree_above + floor)``. Equal agreements give :func:`blend_weight` itself."""
+    wb = blend_weight(span, s) * (agree_below + floor)
+    wa = (1.0 - blend_weight(span, s)) * (agree_above + floor)
+    return wb / (wb + wa)
+
+
+def _blend_agree(span: Span, runs: dict[int, Run | None], gates: dict[int, Gate]) -> Iterator[tuple[int, np.ndarray]]:
+    assert span.below is not None and span.above is not None
+    assert span.below.logits is not None and span.above.logits is not None, "decode the key slices first"
+    far = {+1: span.above.index, -1: span.below.index}
+
+    def allowed(s: int) -> bool:  # the span, and the far key slice of either run
+        return span.lo - 1 <= s <= span.hi + 1
+
+    for gate in gates.values():
+        gate.allow = allowed
+    reached: dict[int, dict[int, np.ndarray]] = {+1: {}, -1: {}}
+    at_far: dict[int, np.ndarray | None] = {+1: None, -1: None}
+    for direction in (+1, -1):  # both runs in full first: the weights need both agreements
+        for s, logits in runs[direction] or ():
+            if logits is None:
+                break  # cannot happen: the gate lets every allowed slice through
+            if s == far[direction]:
+                at_far[direction] = logits
+                break
+            if not span.lo <= s <= span.hi:
+                break
+            reached[direction][s] = logits
+    agree_below = agreement(at_far[+1], span.above.logits)
+    agree_above = agreement(at_far[-1], span.below.logits)
+    log.debug("span %d..%d: agreement of the run from below %.3f, from above %.3f",
+              span.lo, span.hi, agree_below, agree_above)
+    for s in span.slices():
+        below, above = reached[+1].get(s), reached[-1].get(s)
+        if below is None and above is None:
+            continue
+        if below is None or above is None:
+            yield s, below if above is None else above  # type: ignore[misc]
+        else:
+            yield s, _mix(below, above, agree_weight(span, s, agree_below, agree_above), False)
 
 
 def _mix(below: np.ndarray, above: np.ndarray, w: float, probabilities: bool) -> np.ndarray:
