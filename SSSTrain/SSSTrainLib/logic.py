@@ -167,7 +167,7 @@ class TrainLogic:
         state = read_state(run_dir)
         running: Optional[bool] = False
         if state is not None:
-            running = pid_alive(state.pid) if state.on_this_host() else None
+            running = pid_alive(state.pid, state.started) if state.on_this_host() else None
         steps = [r for r in _tail_records(join(C.HISTORY_FILE)) if r.event == "step"]
         return RunFolderStatus(
             has_run=any(os.path.exists(join(n)) for n in (C.CONFIG_FILE, C.CHECKPOINT_DIR, C.HISTORY_FILE)),

@@ -94,7 +94,7 @@ class RunMonitor:
         if self.process is not None:
             return self.process.poll() is None
         if self.state is not None and self.state.on_this_host():
-            return pid_alive(self.state.pid)
+            return pid_alive(self.state.pid, self.state.started)
         return None
 
     def stop(self) -> None:

@@ -94,12 +94,27 @@ def request_stop(run_dir: str) -> str:
     return path
 
 
-def pid_alive(pid: int) -> bool:
-    """True while process ``pid`` exists on this computer (a zombie child of ours counts as ended)."""
+#: Seconds a process may seem to have started after its launch was recorded (Linux keeps the boot
+#: time in whole seconds and start times in clock ticks).
+START_TIME_SLACK_S = 2.0
+
+
+def pid_alive(pid: int, launched_at: Optional[float] = None) -> bool:
+    """True while process ``pid`` exists on this computer (a zombie child of ours counts as ended).
+
+    ``launched_at`` (``time.time()`` just after the launch, as the run-state file records it): on
+    Linux a process with that pid that started later is another one that got the number after the
+    run ended (pids are reused, often within minutes where ``pid_max`` is 32768 and threads take
+    numbers too), so the run counts as ended.
+    """
     if pid <= 0:
         return False
     if sys.platform == "win32":
         return _windows_pid_alive(pid)
+    if launched_at is not None:
+        started = process_start_time(pid)
+        if started is not None and started > launched_at + START_TIME_SLACK_S:
+            return False
     try:
         reaped, _ = os.waitpid(pid, os.WNOHANG)
         if reaped == pid:
@@ -115,6 +130,21 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def process_start_time(pid: int) -> Optional[float]:
+    """When process ``pid`` started (seconds since the epoch), on Linux; None elsewhere, or when it
+    does not exist."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        with open("/proc/{}/stat".format(pid), "rb") as f:
+            fields = f.read().rsplit(b")", 1)[-1].split()
+        with open("/proc/stat", "rb") as f:
+            boot = next(float(line.split()[1]) for line in f if line.startswith(b"btime "))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of stat: start time in ticks
+    except (OSError, StopIteration, IndexError, ValueError):
+        return None
 
 
 def _windows_pid_alive(pid: int) -> bool:

@@ -99,7 +99,7 @@ def no_training_left_behind(tmp_path):
 
     for state_file in tmp_path.rglob("run_state.json"):
         state = read_state(str(state_file.parent.parent))
-        if state is not None and pid_alive(state.pid):
+        if state is not None and pid_alive(state.pid, state.started):
             kill_process_tree(state.pid)
 
 

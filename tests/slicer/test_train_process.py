@@ -136,6 +136,39 @@ def test_pid_alive_for_ended_and_unknown_processes(tmp_path):
     assert pid_alive(os.getpid()) is True and pid_alive(0) is False
 
 
+def test_a_reused_pid_is_not_taken_for_the_run(tmp_path):
+    """A run that ended long ago whose pid now belongs to another process (here: a process started
+    after the recorded launch) is not running: the panel offers Resume instead of "still going"."""
+    import dataclasses
+    import subprocess
+
+    from SSSTrainLib.logic import TrainLogic
+    from SSSTrainLib.monitor import RunMonitor
+    from SSSTrainLib.process import START_TIME_SLACK_S, pid_alive, process_start_time
+    from SSSTrainLib.runstate import new_state, write_state
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    launched = time.time()
+    try:
+        started = process_start_time(other.pid)
+        assert started is not None and abs(started - launched) < START_TIME_SLACK_S
+        assert pid_alive(other.pid, launched) is True, "the process launched then is the run"
+        assert pid_alive(other.pid, launched - 3600) is False, "a process newer than the launch is another one"
+        ckpt = tmp_path / "checkpoints"
+        ckpt.mkdir()
+        (ckpt / "last.pt").write_bytes(b"x")
+        old = dataclasses.replace(new_state(str(tmp_path), other.pid, ["python"], False), started=launched - 3600)
+        write_state(old)
+        status = TrainLogic.run_status(str(tmp_path))
+        assert status.running is False and status.can_resume
+        assert RunMonitor(str(tmp_path)).alive() is False
+        write_state(dataclasses.replace(old, started=launched))
+        assert TrainLogic.run_status(str(tmp_path)).running is True
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_run_state_from_another_computer_is_not_trusted(tmp_path):
     import dataclasses
 
