@@ -84,7 +84,7 @@ class SSSTrainParameterNode:
     labeledSource / labeledFolder: scene pairs, or a dataset folder.
     unlabeledSource / unlabeledFolder: none, a folder of volumes, or the scene's unpaired volumes.
     backbone, device, iterations, runFolder: the run.
-    warmupIterations ... seed: the method's settings (the Advanced section).
+    warmupIterations ... encoderLoraRank: the method's settings and switches (the Advanced section).
     gpus: the GPU count of Copy command's torchrun line.
     """
 
@@ -104,6 +104,13 @@ class SSSTrainParameterNode:
     usePcsw: bool = True
     useConsistency: bool = True
     seed: Annotated[int, WithinRange(0, 2147483647)] = C.DEFAULT_SEED
+    weakViews: Annotated[int, WithinRange(0, 16)] = 0
+    useClassGuard: bool = True
+    useAdaptiveThresholds: bool = False
+    useDfeToDecoder: bool = False
+    useMemoryPath: bool = False
+    encoderBlocks: Annotated[int, WithinRange(0, 24)] = 0
+    encoderLoraRank: Annotated[int, WithinRange(0, 64)] = 0
     gpus: Annotated[int, WithinRange(1, 64)] = C.DEFAULT_GPUS
 
 
@@ -265,7 +272,10 @@ class SSSTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             backbone=pn.backbone, device=pn.device, iterations=int(pn.iterations),
             warmup_iterations=int(pn.warmupIterations), lambda_u=float(pn.lambdaU), confidence=float(pn.confidence),
             ema_decay=float(pn.emaDecay), dfe=bool(pn.useDfe), pcsw=bool(pn.usePcsw),
-            consistency=bool(pn.useConsistency), seed=int(pn.seed),
+            consistency=bool(pn.useConsistency), seed=int(pn.seed), weak_views=int(pn.weakViews),
+            class_guard=bool(pn.useClassGuard), adaptive_thresholds=bool(pn.useAdaptiveThresholds),
+            dfe_to_decoder=bool(pn.useDfeToDecoder), memory_path=bool(pn.useMemoryPath),
+            encoder_blocks=int(pn.encoderBlocks), encoder_lora_rank=int(pn.encoderLoraRank),
         )
 
     def _showError(self, error, title: str) -> None:

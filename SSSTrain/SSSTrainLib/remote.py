@@ -83,6 +83,13 @@ def job_settings(settings: TrainSettings) -> Dict[str, Any]:
         "no_dfe": not settings.dfe,
         "no_pcsw": not settings.pcsw,
         "no_consistency": not settings.consistency,
+        "class_guard": bool(settings.class_guard),
+        "adaptive_thresholds": bool(settings.adaptive_thresholds),
+        "dfe_to_decoder": bool(settings.dfe_to_decoder),
+        "memory_path": bool(settings.memory_path),
+        "weak_views": int(settings.weak_views),
+        "encoder_blocks": int(settings.encoder_blocks),
+        **({"encoder_lora_rank": int(settings.encoder_lora_rank)} if settings.encoder_blocks else {}),
     }
 
 

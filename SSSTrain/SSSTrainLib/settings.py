@@ -30,6 +30,13 @@ class TrainSettings:
             weight, the pseudo-label confidence threshold, the EMA teacher's decay.
         dfe / pcsw / consistency: the method's parts, each on or off (ablations).
         seed: seeds every random draw of the run.
+        weak_views: weakly augmented views of each labeled case (0: off).
+        class_guard / adaptive_thresholds: guards against confident wrong pseudo-labels (a class
+            whose validation Dice falls is dropped from the unsupervised loss; class-wise thresholds).
+        dfe_to_decoder / memory_path: DFE features to the mask decoder's consistency; SAM-2's
+            memory path for pseudo-labels and decoder training (SAM-2 backbones only).
+        encoder_blocks / encoder_lora_rank: the image encoder's last blocks trained (or low-rank
+            adapters on them, rank > 0); supervised runs only.
     """
 
     run_dir: str
@@ -48,6 +55,13 @@ class TrainSettings:
     pcsw: bool = True
     consistency: bool = True
     seed: int = C.DEFAULT_SEED
+    weak_views: int = 0
+    class_guard: bool = True
+    adaptive_thresholds: bool = False
+    dfe_to_decoder: bool = False
+    memory_path: bool = False
+    encoder_blocks: int = 0
+    encoder_lora_rank: int = 0
 
     def labeled_path(self) -> str:
         """The dataset folder the trainer reads (``RUN/dataset`` for scene cases)."""
@@ -89,6 +103,19 @@ def check_settings(settings: TrainSettings) -> None:
         raise SettingsError("The EMA decay must be at least 0 and below 1.")
     if settings.lambda_u < 0 or settings.warmup_iterations < 0:
         raise SettingsError("lambda_u and the warm-up iterations must not be negative.")
+    if settings.weak_views < 0 or settings.encoder_blocks < 0 or settings.encoder_lora_rank < 0:
+        raise SettingsError("Weak views, encoder blocks and the LoRA rank must be 0 (off) or more.")
+    if settings.encoder_blocks and given(settings.unlabeled_path()) and settings.consistency:
+        raise SettingsError("Training the image encoder's blocks works with supervised runs only: set 'Unlabeled "
+                            "cases' to none (or turn Consistency off), or set 'Encoder blocks trained' to 0.")
+    if settings.encoder_lora_rank and not settings.encoder_blocks:
+        raise SettingsError("A LoRA rank needs encoder blocks to adapt: set 'Encoder blocks trained' to 1 or more, "
+                            "or the LoRA rank to 0.")
+    if settings.memory_path and not settings.backbone.startswith("sam2"):
+        raise SettingsError(f"The memory path needs a SAM-2 backbone ({settings.backbone} has no memory): choose a "
+                            "sam2.1 backbone or turn 'Memory path' off.")
+    if settings.memory_path and not settings.pcsw:
+        raise SettingsError("The memory path propagates from PCSW's key slices: turn PCSW on, or 'Memory path' off.")
     if settings.warmup_iterations >= settings.iterations:
         raise SettingsError(
             f"The warm-up iterations ({settings.warmup_iterations}) must be fewer than the iterations "
@@ -121,6 +148,16 @@ def train_arguments(settings: TrainSettings, resume: bool = False) -> List[str]:
         args.append("--no-pcsw")
     if not settings.consistency:
         args.append("--no-consistency")
+    args.append("--class-guard" if settings.class_guard else "--no-class-guard")
+    if settings.adaptive_thresholds:
+        args.append("--adaptive-thresholds")
+    if settings.dfe_to_decoder:
+        args.append("--dfe-to-decoder")
+    if settings.memory_path:
+        args.append("--memory-path")
+    args += ["--weak-views", str(int(settings.weak_views)), "--encoder-blocks", str(int(settings.encoder_blocks))]
+    if settings.encoder_blocks:
+        args += ["--encoder-lora-rank", str(int(settings.encoder_lora_rank))]
     if resume:
         args.append("--resume")
     return args

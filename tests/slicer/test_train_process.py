@@ -2,6 +2,7 @@
 files, stopping, killing a launcher's whole process tree, the run-state file, and the status texts.
 Real child processes throughout; the trainer is a stand-in where the test needs one."""
 
+import argparse
 import json
 import os
 import signal
@@ -270,7 +271,7 @@ def test_train_arguments_spell_out_every_setting(tmp_path):
         "train", "--labeled", "/data/Dataset003_Liver", "--run-dir", "/runs/liver", "--unlabeled", "/data/unlabeled",
         "--backbone", "sam2.1_hiera_small", "--device", "cuda", "--iterations", "500", "--seed", "0",
         "--warmup-iterations", "2000", "--lambda-u", "1.0", "--confidence", "0.95", "--ema-decay", "0.99",
-        "--no-dfe", "--no-consistency",
+        "--no-dfe", "--no-consistency", "--class-guard", "--weak-views", "0", "--encoder-blocks", "0",
     ]
     assert train_command(s, ["PythonSlicer", "-m", "sss_lib"], resume=True)[-1] == "--resume"
     scene = TrainSettings(run_dir="/runs/x", unlabeled_source=C.SOURCE_SCENE)
@@ -286,6 +287,11 @@ def test_train_arguments_spell_out_every_setting(tmp_path):
     ({"ema_decay": 1.0}, "EMA"),
     ({"warmup_iterations": 10000}, "fewer than the iterations"),
     ({"labeled_source": "somewhere"}, "Unknown source"),
+    ({"encoder_blocks": 2, "unlabeled_source": "scene"}, "supervised runs only"),
+    ({"encoder_lora_rank": 4}, "needs encoder blocks"),
+    ({"memory_path": True, "backbone": "litemedsam"}, "needs a SAM-2 backbone"),
+    ({"memory_path": True, "pcsw": False}, "turn PCSW on"),
+    ({"weak_views": -1}, "0 \\(off\\) or more"),
 ])
 def test_settings_errors_say_what_to_fix(change, message):
     import dataclasses
@@ -316,11 +322,41 @@ def test_panel_command_parses_with_the_trainer_options(tmp_path):
     assert (args.backbone, args.device, args.iterations, args.seed) == ("sam2.1_hiera_small", "cuda", 1234, 11)
     assert (args.warmup_iterations, args.lambda_u, args.confidence, args.ema_decay) == (200, 0.5, 0.9, 0.995)
     assert args.no_dfe and args.no_pcsw and not args.no_consistency and args.resume
+    assert args.class_guard and not args.adaptive_thresholds and not args.dfe_to_decoder and not args.memory_path
+    assert (args.weak_views, args.encoder_blocks) == (0, 0)
+    switches = TrainSettings(run_dir=str(tmp_path / "run"), class_guard=False, adaptive_thresholds=True,
+                             dfe_to_decoder=True, memory_path=True, weak_views=3, encoder_blocks=2, encoder_lora_rank=4)
+    args = parser.parse_args(train_arguments(switches))
+    assert not args.class_guard and args.adaptive_thresholds and args.dfe_to_decoder and args.memory_path
+    assert (args.weak_views, args.encoder_blocks, args.encoder_lora_rank) == (3, 2, 4)
+
+
+def test_a_server_job_takes_every_panel_setting(tmp_path):
+    """The job settings the panel sends are accepted by the server's check (the trainer's own parser
+    and configuration), and turn into the same switches as the local command line."""
+    from SSSTrainLib.remote import job_settings
+    from SSSTrainLib.settings import TrainSettings, train_arguments
+    from sss_lib.service.job_settings import check_argv, settings_to_argv
+    from sss_lib.trainer.run import add_train_arguments
+
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser.add_subparsers(dest="command").add_parser("train"))
+    for s in (TrainSettings(run_dir="/runs/a"),
+              TrainSettings(run_dir="/runs/b", class_guard=False, adaptive_thresholds=True, dfe_to_decoder=True,
+                            memory_path=True, weak_views=2, encoder_blocks=1, encoder_lora_rank=8, consistency=False)):
+        argv = settings_to_argv(job_settings(s))
+        check_argv(argv)
+        on_server = parser.parse_args(["train", "--labeled", "DATA", "--run-dir", "RUN", *argv])
+        here = parser.parse_args(train_arguments(s))
+        for dest in ("class_guard", "adaptive_thresholds", "dfe_to_decoder", "memory_path", "weak_views",
+                     "encoder_blocks", "encoder_lora_rank", "no_consistency", "confidence", "iterations"):
+            assert getattr(on_server, dest) == getattr(here, dest), dest
 
 
 def test_panel_command_is_accepted_by_the_stand_in_trainer_parser(tmp_path):
     """The stand-in's argument parser is the run contract's flag list: every flag the panel
     writes must parse (a misspelt flag would fail the real trainer too)."""
+    import dataclasses
     import importlib.util
 
     from SSSTrainLib import constants as C
@@ -332,4 +368,7 @@ def test_panel_command_is_accepted_by_the_stand_in_trainer_parser(tmp_path):
     s = TrainSettings(run_dir=str(tmp_path), unlabeled_source=C.SOURCE_SCENE, dfe=False, pcsw=False, consistency=False)
     args = fake.parse(train_arguments(s, resume=True))
     assert args.resume and args.no_dfe and args.no_pcsw and args.no_consistency and args.lambda_u == 1.0
+    args = fake.parse(train_arguments(dataclasses.replace(s, class_guard=False, adaptive_thresholds=True,
+                                                          dfe_to_decoder=True, weak_views=1, encoder_blocks=1)))
+    assert not args.class_guard and args.adaptive_thresholds and args.dfe_to_decoder and args.encoder_blocks == 1
     assert json.loads(json.dumps(vars(args)))["run_dir"] == str(tmp_path)
