@@ -14,13 +14,17 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def git_commit() -> str:
-    """HEAD (with -dirty when tracked files differ); ``$SSS_GIT_COMMIT`` where there is no .git (GPU machine)."""
+    """HEAD (with -dirty when tracked files differ); ``$SSS_GIT_COMMIT`` where there is no .git (GPU machine).
+
+    Changes under ``benchmarks/results/`` do not count: they are the benchmarks' own output, and a
+    run that writes its results as it goes would otherwise mark its own later writes dirty."""
     if os.environ.get("SSS_GIT_COMMIT"):
         return os.environ["SSS_GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                              cwd=Path(__file__).parent)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ":(top)", ":(top,exclude)benchmarks/results"], capture_output=True,
                                text=True, cwd=Path(__file__).parent).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
