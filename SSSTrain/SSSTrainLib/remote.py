@@ -24,7 +24,7 @@ from .errors import RunFolderError
 from .files import FileWatch, read_dataclass, write_bytes_atomically, write_dataclass
 from .monitor import DONE, ENDED, EVENT, FAILED, FINISHED, LOG, STOPPED, RunMessage, finished_text
 from .runstate import panel_dir
-from .settings import TrainSettings, check_settings, given
+from .settings import TrainSettings, check_settings, given, train_arguments
 
 JOB_FILE = "remote_job.json"
 # Job states (docs/service_api.md) after which the job does nothing more until resumed.
@@ -71,26 +71,18 @@ def write_job(job: RemoteJob) -> str:
 
 
 def job_settings(settings: TrainSettings) -> Dict[str, Any]:
-    """The job's ``settings`` (the ``train`` options the server accepts from a client, by destination)."""
-    return {
-        "backbone": settings.backbone,
-        "iterations": int(settings.iterations),
-        "seed": int(settings.seed),
-        "warmup_iterations": int(settings.warmup_iterations),
-        "lambda_u": float(settings.lambda_u),
-        "confidence": float(settings.confidence),
-        "ema_decay": float(settings.ema_decay),
-        "no_dfe": not settings.dfe,
-        "no_pcsw": not settings.pcsw,
-        "no_consistency": not settings.consistency,
-        "class_guard": bool(settings.class_guard),
-        "adaptive_thresholds": bool(settings.adaptive_thresholds),
-        "dfe_to_decoder": bool(settings.dfe_to_decoder),
-        "memory_path": bool(settings.memory_path),
-        "weak_views": int(settings.weak_views),
-        "encoder_blocks": int(settings.encoder_blocks),
-        **({"encoder_lora_rank": int(settings.encoder_lora_rank)} if settings.encoder_blocks else {}),
-    }
+    """The job's ``settings`` (the ``train`` options the server accepts from a client, by destination):
+    the panel's own command line (:func:`~SSSTrainLib.settings.train_arguments`) parsed by the
+    trainer's parser, so a server job and a local run take the same options from one mapping. Values
+    equal to the trainer's defaults are left out (the server uses the same defaults)."""
+    import argparse
+
+    from sss_lib.service.job_settings import namespace_to_settings
+    from sss_lib.trainer.run import add_train_arguments
+
+    parser = argparse.ArgumentParser(add_help=False)
+    add_train_arguments(parser)
+    return namespace_to_settings(parser.parse_args(train_arguments(settings)[1:]))
 
 
 def submit(logic: Any, settings: TrainSettings, scene: Any, client: Any,
