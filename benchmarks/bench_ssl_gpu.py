@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                         head_batch=args.labeled_batch, decoder_batch=args.decoder_batch, val_cases=("case_002",),
                         val_every=args.iterations)
     cfg = SemiSupConfig(train=train, run_dir=work / "run", unlabeled=unl, warmup_iterations=args.warmup,
-                        rampup_iterations=args.warmup, unlabeled_batch=args.unlabeled_batch, dfe_width=args.dfe_width,
+                        rampup_iterations=args.warmup, warmup_until_plateau=False, unlabeled_batch=args.unlabeled_batch, dfe_width=args.dfe_width,
                         checkpoint_every=args.iterations)
     history = work / "run" / "history.jsonl"
     reporter = ProgressReporter(cfg.total_steps, json_lines=False, console_view=True, history=history)

@@ -261,10 +261,11 @@ def run(args: argparse.Namespace, commit: str) -> int:
                                console=lambda text: log.info("%s", text))
         row = {"labeled": n_lab, "method": method, "title": title, "candidate": candidate, "seed": seed,
                "config": cfg.to_dict(), "model": str(outcome.model_path), "val_dice": outcome.best_dice,
-               "best_step": outcome.best_step, "train_seconds": time.perf_counter() - t0,
+               "best_step": outcome.best_step, "warmup_end": outcome.warmup_end,
+               "warmup_reason": outcome.warmup_reason, "train_seconds": time.perf_counter() - t0,
                "seconds_per_step": outcome.timings["train"] / max(1, outcome.step)}
         print(f"  n={n_lab} {method} {candidate or ''} seed {seed}: validation Dice {outcome.best_dice:.4f} "
-              f"(step {outcome.best_step}; {row['train_seconds']:.0f} s)", flush=True)
+              f"(step {outcome.best_step}; warm-up to step {outcome.warmup_end}; {row['train_seconds']:.0f} s)", flush=True)
         results["runs"].append(row)
         _write(results, args, t_all)
         return row

@@ -123,7 +123,7 @@ def _config_dict(run_dir: Path) -> dict:
     import json
 
     body = json.loads((run_dir / "config.json").read_text())["extra"]["trainer"]
-    assert body.pop("schema") == "sss.semisup-config/3" and body.pop("class_guard") is True
+    assert body.pop("schema") == "sss.semisup-config/4" and body.pop("class_guard") is True
     return body
 
 

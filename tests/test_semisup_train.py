@@ -43,11 +43,12 @@ def data(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def train(run_dir: Path, lab: Path, unl: Path | None, backbone, *, iterations: int = 7,  # noqa: ANN001
-          val: tuple[str, ...] = ("case_002",), **overrides):
+          val: tuple[str, ...] = ("case_002",), val_every: int = 100, **overrides):
     config = TrainConfig(lab, run_dir / "model.ssstask", backbone="sam2.1_hiera_tiny", device="cpu", image_size=64,
                          iterations=iterations, seed=1, head_batch=2, decoder_batch=2, head_width=16,
-                         val_cases=val, val_every=100)
-    settings = dict(warmup_iterations=3, rampup_iterations=0, unlabeled_batch=2, checkpoint_every=100)
+                         val_cases=val, val_every=val_every)
+    settings = dict(warmup_iterations=3, warmup_until_plateau=False, rampup_iterations=0, unlabeled_batch=2,
+                    checkpoint_every=100)
     settings.update(overrides)
     cfg = SemiSupConfig(train=config, run_dir=run_dir, unlabeled=unl, **settings)
     reporter = ProgressReporter(cfg.total_steps, json_lines=False, console_view=False, history=run_dir / "history.jsonl")

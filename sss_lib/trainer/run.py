@@ -49,7 +49,14 @@ def add_train_arguments(tr: argparse.ArgumentParser) -> None:
     tr.add_argument("--iterations", type=int, default=300, help="optimiser steps (default: 300)")
     tr.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     tr.add_argument("--warmup-iterations", type=int, default=None,
-                    help="supervised-only steps first (default: 20%% of --iterations)")
+                    help="supervised-only steps first (default: 20%% of --iterations); with "
+                         "--warmup-until-plateau the fewest")
+    tr.add_argument("--warmup-until-plateau", action=argparse.BooleanOptionalAction, default=True,
+                    help="semi-supervised: the warm-up goes on while validation Dice improves (up to "
+                         "--max-warmup-fraction of the run), and consistency starts from the best validated "
+                         "weights; needs validation cases (default: on)")
+    tr.add_argument("--max-warmup-fraction", type=float, default=0.5,
+                    help="the longest warm-up with --warmup-until-plateau, as a share of --iterations (default: 0.5)")
     tr.add_argument("--rampup-iterations", type=int, default=None,
                     help="steps over which lambda_u ramps up after the warm-up (default: 20%% of --iterations)")
     tr.add_argument("--lambda-u", type=float, default=1.0, help="weight of the unsupervised loss (default: 1)")
@@ -161,6 +168,7 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201 - SemiSupConfig,
         checkpoint_every=args.checkpoint_every, on_bad_case=args.on_bad_case, random_init=args.random_init,
         unlabeled=Path(args.unlabeled) if args.unlabeled else None, consistency=not args.no_consistency,
         use_dfe=not args.no_dfe, use_pcsw=not args.no_pcsw, warmup_iterations=args.warmup_iterations,
+        warmup_until_plateau=args.warmup_until_plateau, max_warmup_fraction=args.max_warmup_fraction,
         rampup_iterations=args.rampup_iterations, lambda_u=args.lambda_u, confidence=args.confidence,
         untrusted_floor=args.untrusted_floor,
         ema_decay=args.ema_decay, unlabeled_batch=args.unlabeled_batch, strong_views=args.strong_views,

@@ -22,13 +22,15 @@ from .samples import PromptJitter
 if typing.TYPE_CHECKING:
     from ..runs.config import RunConfig
 
-SCHEMA = "sss.semisup-config/3"
+SCHEMA = "sss.semisup-config/4"
 #: Schema 1 (before decoder agreement, DFE's gain from 0 and its tenth learning rate became the
 #: defaults): what its missing or None settings meant, so that ``--resume`` continues such a run as
 #: it was started.
 _SCHEMA_1 = "sss.semisup-config/1"
 #: Schema 2: before the class guard existed (such runs continue without it).
 _SCHEMA_2 = "sss.semisup-config/2"
+#: Schema 3: before the warm-up could end at the validation plateau (such runs keep a fixed one).
+_SCHEMA_3 = "sss.semisup-config/3"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +79,13 @@ class SemiSupConfig:
         consistency: False trains supervised only (the ``--no-consistency`` ablation).
         use_dfe: False feeds the strong views' features to the student as they are (``--no-dfe``).
         use_pcsw: False prompts the teacher with each slice's coarse box only (``--no-pcsw``).
-        warmup_iterations: supervised-only steps first (None: 20% of the run).
+        warmup_iterations: supervised-only steps first (None: 20% of the run); with
+            ``warmup_until_plateau``, the fewest.
+        warmup_until_plateau: **(ours)** the warm-up goes on while validation improves, up to
+            ``max_warmup_fraction`` of the run, and the unsupervised phase starts from the best
+            validated weights (:mod:`sss_lib.semisup.warmup`, which gives the measurement behind it).
+            Needs validation cases and one process; without them the warm-up is fixed.
+        max_warmup_fraction: the longest warm-up with ``warmup_until_plateau``, as a share of the run.
         rampup_iterations: after the warm-up, lambda_u ramps up (sigmoid) over this many steps
             (None: 20% of the run).
         lambda_u: weight of the unsupervised loss once ramped up.
@@ -164,6 +172,8 @@ class SemiSupConfig:
     use_dfe: bool = True
     use_pcsw: bool = True
     warmup_iterations: int | None = None
+    warmup_until_plateau: bool = True
+    max_warmup_fraction: float = 0.5
     rampup_iterations: int | None = None
     lambda_u: float = 1.0
     confidence: float = 0.95
@@ -198,6 +208,7 @@ class SemiSupConfig:
             (self.on_bad_case in ("skip", "stop"), "on_bad_case must be 'skip' or 'stop'"),
             (self.warmup_iterations is None or self.warmup_iterations >= 0, "warmup_iterations must be >= 0"),
             (self.rampup_iterations is None or self.rampup_iterations >= 0, "rampup_iterations must be >= 0"),
+            (0.0 <= self.max_warmup_fraction <= 1.0, "max_warmup_fraction must lie in [0, 1]"),
             (self.lambda_u >= 0, "lambda_u must be >= 0"),
             (0.0 <= self.confidence <= 1.0, "confidence must lie in [0, 1]"),
             (self.untrusted_floor is None or 0.0 < self.untrusted_floor <= 1.0, "untrusted_floor must lie in (0, 1]"),
@@ -234,6 +245,11 @@ class SemiSupConfig:
         return int(round(0.2 * self.total_steps)) if n is None else int(n)
 
     @property
+    def max_warmup(self) -> int:
+        """The longest warm-up with ``warmup_until_plateau`` (never shorter than :attr:`warmup`)."""
+        return max(self.warmup, int(round(self.max_warmup_fraction * self.total_steps)))
+
+    @property
     def rampup(self) -> int:
         n = self.rampup_iterations
         return int(round(0.2 * self.total_steps)) if n is None else int(n)
@@ -268,6 +284,8 @@ class SemiSupConfig:
         """
         body = dict(data)
         schema = body.pop("schema", SCHEMA)
+        if schema in (_SCHEMA_1, _SCHEMA_2, _SCHEMA_3):
+            body.setdefault("warmup_until_plateau", False)
         if schema in (_SCHEMA_1, _SCHEMA_2):
             body.setdefault("class_guard", False)
         if schema == _SCHEMA_1:
@@ -275,7 +293,7 @@ class SemiSupConfig:
             body.setdefault("dfe_zero_init_gain", False)
             if body.get("lr_dfe") is None:
                 body["lr_dfe"] = float(body.get("train", {}).get("lr_head", TrainConfig.lr_head))
-        elif schema not in (SCHEMA, _SCHEMA_2):
+        elif schema not in (SCHEMA, _SCHEMA_2, _SCHEMA_3):
             raise InputError(source, f"training settings have schema {schema!r}, this version reads {SCHEMA!r}",
                              "Resume with the SSS version that started the run, or start a new run.")
         try:

@@ -32,6 +32,7 @@ from ..backbones.base import Backbone
 from ..embedding_cache import EmbeddingStore
 from ..errors import Cancelled, InputError
 from ..pcsw import default_color, measure_class_ranges
+from ..semisup.warmup import WarmupPlan
 from ..rings import measure_nesting
 from ..runs.checkpoint import checkpoint_payload, load_checkpoint, save_checkpoint
 from ..runs.layout import RunPaths
@@ -66,6 +67,8 @@ class RunOutcome:
         last: the last step's loss values.
         seconds: wall time; ``timings``: seconds per stage (``load``, ``embed``, ``train``, ``validate``).
         train_cases / val_cases / unlabeled_cases: case ids used.
+        warmup_end: the last supervised-only step of a semi-supervised run (None: supervised
+            only, or stopped before the warm-up ended); ``warmup_reason`` says why it ended there.
     """
 
     status: Literal["done", "stopped"]
@@ -79,6 +82,8 @@ class RunOutcome:
     train_cases: list[str]
     val_cases: list[str]
     unlabeled_cases: list[str]
+    warmup_end: int | None = None
+    warmup_reason: str = ""
 
 
 def run_training(config: SemiSupConfig, *, resume: bool = False, backbone: Backbone | None = None,
@@ -144,6 +149,7 @@ class _Run:
         self.best_dice: float | None = None
         self.best_step: int | None = None
         self.nesting: dict[int, tuple[int, ...]] = {}
+        self.warmup: WarmupPlan | None = None
 
     # -- top level ---------------------------------------------------------------------------------
     def execute(self, resume: bool, backbone: Backbone | None) -> RunOutcome:
@@ -245,7 +251,8 @@ class _Run:
                        f"multiple of {2 * self.dist.world}")
         ctx = StepContext(cfg, adapter, samples, unlabeled if cfg.semi_supervised else [], labels, ranges, carry, points,
                           self.dist)
-        stepper = SemiSupStepper(ctx, student)
+        stepper = SemiSupStepper(ctx, student, self._warmup_plan(bool(val)))
+        self.warmup = stepper.warmup
         if cfg.semi_supervised and cfg.class_guard:
             if self.dist.distributed:
                 self._warn("--class-guard works in one process only (validation runs on rank 0): turned off")
@@ -281,11 +288,15 @@ class _Run:
             self.reporter.step(step, losses, lr=row.get("lr"), mask_ratio=row.get("mask_ratio"),
                                epoch=self._epoch(stepper, step))
             validated = False
-            guard_check = stepper.guard is not None and step == cfg.warmup  # the guard's baselines
-            if val and (step % cfg.val_every == 0 or step == cfg.total_steps or guard_check):
+            plan = stepper.warmup
+            # The guard takes its baselines at the warm-up's last step; an open warm-up ends by its latest.
+            plan_check = (stepper.guard is not None and step == plan.end) or plan.must_validate(step)
+            if val and (step % cfg.val_every == 0 or step == cfg.total_steps or plan_check):
                 validated = True
                 if self.dist.is_main:
-                    self._validate(validator, stepper, step, names)
+                    improved = self._validate(validator, stepper, step, names)
+                    if cfg.semi_supervised and plan.observe(step, improved):
+                        self._end_warmup(stepper, step)
             if step % cfg.checkpoint_every == 0 or step == cfg.total_steps or validated:
                 self._save(stepper, step)
         model = self._write_model(net, stepper, task_classes, prep, ranges, train, val, unlabeled, step)
@@ -396,6 +407,7 @@ class _Run:
             ema=stepper.teacher.state_dict() if stepper.teacher is not None else None,
             rng=capture_rng_state(stepper.generators), data=stepper.order.state_dict(),
             extra={"best_dice": self.best_dice, "best_step": self.best_step, "guard": stepper.guard_state(),
+                   "warmup": stepper.warmup.state_dict(),
                    "thresholds": stepper.thresholds.state_dict() if stepper.thresholds is not None else None},
         )
 
@@ -420,6 +432,7 @@ class _Run:
             raise WeightsError(f"{self.paths.last_checkpoint}: the checkpoint does not fit this run ({err}). "
                                "Resume with the settings the run was started with, or start a new run.") from err
         extra = state.get("extra") or {}
+        stepper.warmup.load_state_dict(extra.get("warmup"))
         stepper.load_guard_state(extra.get("guard"))
         if stepper.thresholds is not None and extra.get("thresholds"):
             stepper.thresholds.load_state_dict(extra["thresholds"])
@@ -429,7 +442,28 @@ class _Run:
         self.say(f"resuming after step {step} of {self.config.total_steps}")
         return step
 
-    def _validate(self, validator: Any, stepper: SemiSupStepper, step: int, names: dict[int, str]) -> None:
+    def _warmup_plan(self, has_validation: bool) -> WarmupPlan:
+        """The warm-up of this run (:mod:`sss_lib.semisup.warmup`): until the validation plateau
+        where it can be seen, else fixed."""
+        cfg = self.config
+        plateau = cfg.semi_supervised and cfg.warmup_until_plateau
+        if plateau and (self.dist.distributed or not has_validation):
+            why = "several processes" if self.dist.distributed else "no validation cases"
+            self.say(f"warm-up: a fixed {cfg.warmup} steps ({why}: the validation plateau cannot be watched)")
+            plateau = False
+        return WarmupPlan(cfg.warmup, cfg.max_warmup, cfg.val_every, until_plateau=plateau)
+
+    def _end_warmup(self, stepper: SemiSupStepper, step: int) -> None:
+        """The warm-up just ended at ``step``: restart from the best validated weights."""
+        best = None
+        if self.best_step is not None and self.best_step != step and self.paths.best_checkpoint.is_file():
+            best = load_checkpoint(self.paths.best_checkpoint, map_location=stepper.device)["model"]
+        stepper.end_warmup(best)
+        restart = f"; consistency starts from the weights of step {self.best_step}" if best is not None else ""
+        self.say(f"warm-up ended after step {step}: {stepper.warmup.reason}{restart}")
+
+    def _validate(self, validator: Any, stepper: SemiSupStepper, step: int, names: dict[int, str]) -> bool:
+        """Validate, keep the best checkpoint, feed the guard; True when this is the best so far."""
         from ..runs.curves import plot_curves
 
         t0 = time.perf_counter()
@@ -448,6 +482,7 @@ class _Run:
             plot_curves(self.paths.history, self.paths.curves, title=f"{self.paths.root.name}")
         except Exception as err:  # a plot must never end a run
             self._warn(f"could not draw {self.paths.curves}: {err}")
+        return improved
 
     def _guard(self, stepper: SemiSupStepper, step: int, dice: dict[int, float], names: dict[int, str]) -> str:
         """Feed the guard one validation; when it drops a class, reset the teacher to the best
@@ -519,9 +554,12 @@ class _Run:
 
     def _outcome(self, status: Literal["done", "stopped"], step: int, model: Path | None, last: dict[str, float],
                  t_start: float, train: list, val: list, unlabeled: list) -> RunOutcome:
+        plan = self.warmup if self.config.semi_supervised and self.warmup is not None else None
+        ended = plan is not None and plan.end is not None and plan.end <= step
         return RunOutcome(status, step, model, self.best_step, self.best_dice, last, time.perf_counter() - t_start,
                           dict(self.timings), [c.case_id for c in train], [c.case_id for c in val],
-                          [u.case_id for u in unlabeled])
+                          [u.case_id for u in unlabeled], plan.end if ended else None,
+                          plan.reason if ended else "")
 
 
 def load_case_unlabeled(case: "Case", net: Backbone, prep: TaskPreprocessing, cfg: SemiSupConfig,

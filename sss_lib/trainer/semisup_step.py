@@ -58,6 +58,7 @@ from ..semisup import EmaTeacher, confidence_mask, masked_cross_entropy, object_
 from ..semisup import unsupervised_weight, with_background_logit
 from ..semisup.guard import ClassGuard, guarded_trust
 from ..semisup.thresholds import ClassThresholds
+from ..semisup.warmup import WarmupPlan
 from .adapters import DecoderAdapter
 from .data import LabeledCase
 from .distributed import DistContext
@@ -143,7 +144,8 @@ class StepContext:
 class SemiSupStepper:
     """Owns the student's optimiser, the EMA teacher, the generators and the data order."""
 
-    def __init__(self, ctx: StepContext, student: nn.ModuleDict) -> None:
+    def __init__(self, ctx: StepContext, student: nn.ModuleDict, warmup: WarmupPlan | None = None) -> None:
+        """``warmup``: when the supervised-only steps end (None: ``cfg.warmup`` steps, fixed)."""
         cfg = ctx.config
         self.ctx = ctx
         self.cfg = cfg
@@ -182,7 +184,8 @@ class SemiSupStepper:
         self.teacher_points = cfg.teacher_points if cfg.teacher_points is not None else self.adapter.knows_points
         #: The confirmation-bias guard (:mod:`sss_lib.semisup.guard`) and its anchor: the coarse head
         #: (with DFE) frozen at the end of the warm-up; the loop feeds the guard validations.
-        self.guard = ClassGuard(ctx.labels, cfg.warmup, cfg.guard_margin) \
+        self.warmup = warmup if warmup is not None else WarmupPlan(cfg.warmup, cfg.warmup, cfg.val_every, until_plateau=False)
+        self.guard = ClassGuard(ctx.labels, self.warmup.last_possible, cfg.guard_margin) \
             if cfg.semi_supervised and cfg.class_guard and not ctx.dist.distributed else None
         self.anchor: nn.ModuleDict | None = None
         #: SAM-2's memory path (``SemiSupConfig.memory_path``, :mod:`.sam2_memory`).
@@ -211,8 +214,8 @@ class SemiSupStepper:
         self.adapter.train(cfg.train.train_decoder)
         self.optimizer.zero_grad(set_to_none=True)
         weight = 0.0
-        if self.teacher is not None:
-            weight = unsupervised_weight(step - 1, warmup_steps=cfg.warmup, rampup_steps=cfg.rampup,
+        if self.teacher is not None and not self.warmup.supervised_only(step):
+            weight = unsupervised_weight(step - 1, warmup_steps=self.warmup.last_possible, rampup_steps=cfg.rampup,
                                          lambda_u=cfg.lambda_u)
         with training_autocast(self.device):
             head = self._head_loss()
@@ -228,7 +231,7 @@ class SemiSupStepper:
         self.optimizer.step()
         if self.teacher is not None:
             self.teacher.update(self.student)
-        if self.guard is not None and step == cfg.warmup:
+        if self.guard is not None and step == self.warmup.end and self.anchor is None:
             self.anchor = self.snapshot_anchor()
         row = {"total": total.item(), "sup": sup.item(), "head": head.item(),
                "decoder": dec.item() if dec is not None else float("nan"),
@@ -239,6 +242,18 @@ class SemiSupStepper:
         if self.thresholds is not None:
             row["threshold_min"] = float(self.thresholds.thresholds().min())
         return row
+
+    def end_warmup(self, best_weights: dict[str, torch.Tensor] | None) -> None:
+        """Start the unsupervised phase after the step :attr:`warmup` has just decided to end at:
+        the student (and the teacher) restart from ``best_weights`` (None: as they are), and the
+        guard takes its baselines up to here and its anchor from them."""
+        if best_weights is not None:
+            self.student.load_state_dict(best_weights)
+        if self.teacher is not None:
+            self.teacher.module.load_state_dict(self.student.state_dict())
+        if self.guard is not None:
+            self.guard.warmup = int(self.warmup.last_possible)
+            self.anchor = self.snapshot_anchor()
 
     def snapshot_anchor(self) -> nn.ModuleDict:
         """A frozen copy of the student's coarse head (and DFE): the guard's anchor."""
