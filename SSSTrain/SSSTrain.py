@@ -97,6 +97,7 @@ class SSSTrainParameterNode:
     iterations: Annotated[int, WithinRange(1, 10000000)] = C.DEFAULT_ITERATIONS
     runFolder: pathlib.Path
     warmupIterations: Annotated[int, WithinRange(0, 10000000)] = C.DEFAULT_WARMUP
+    useWarmupPlateau: bool = True
     lambdaU: Annotated[float, WithinRange(0.0, 100.0)] = C.DEFAULT_LAMBDA_U
     confidence: Annotated[float, WithinRange(0.0, 1.0)] = C.DEFAULT_CONFIDENCE
     emaDecay: Annotated[float, WithinRange(0.0, 0.99999)] = C.DEFAULT_EMA_DECAY
@@ -270,7 +271,8 @@ class SSSTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             labeled_source=pn.labeledSource, labeled_folder=_pathText(pn.labeledFolder),
             unlabeled_source=pn.unlabeledSource, unlabeled_folder=_pathText(pn.unlabeledFolder),
             backbone=pn.backbone, device=pn.device, iterations=int(pn.iterations),
-            warmup_iterations=int(pn.warmupIterations), lambda_u=float(pn.lambdaU), confidence=float(pn.confidence),
+            warmup_iterations=int(pn.warmupIterations), warmup_plateau=bool(pn.useWarmupPlateau),
+            lambda_u=float(pn.lambdaU), confidence=float(pn.confidence),
             ema_decay=float(pn.emaDecay), dfe=bool(pn.useDfe), pcsw=bool(pn.usePcsw),
             consistency=bool(pn.useConsistency), seed=int(pn.seed), weak_views=int(pn.weakViews),
             class_guard=bool(pn.useClassGuard), adaptive_thresholds=bool(pn.useAdaptiveThresholds),

@@ -36,6 +36,7 @@ def parse(argv):
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--resume", action="store_true")
     t.add_argument("--warmup-iterations", type=int, default=10)
+    t.add_argument("--warmup-until-plateau", action=argparse.BooleanOptionalAction, default=True)
     t.add_argument("--lambda-u", type=float, default=1.0)
     t.add_argument("--confidence", type=float, default=0.95)
     t.add_argument("--ema-decay", type=float, default=0.99)

@@ -28,6 +28,8 @@ class TrainSettings:
         warmup_iterations, lambda_u, confidence, ema_decay: the method's settings
             (SSS_METHOD.md section 4): supervised-only steps at the start, the unsupervised loss
             weight, the pseudo-label confidence threshold, the EMA teacher's decay.
+        warmup_plateau: the warm-up goes on while validation improves (``warmup_iterations`` is
+            then the fewest supervised-only steps; sss_lib.semisup.warmup).
         dfe / pcsw / consistency: the method's parts, each on or off (ablations).
         seed: seeds every random draw of the run.
         weak_views: weakly augmented views of each labeled case (0: off).
@@ -48,6 +50,7 @@ class TrainSettings:
     device: str = "auto"
     iterations: int = C.DEFAULT_ITERATIONS
     warmup_iterations: int = C.DEFAULT_WARMUP
+    warmup_plateau: bool = True
     lambda_u: float = C.DEFAULT_LAMBDA_U
     confidence: float = C.DEFAULT_CONFIDENCE
     ema_decay: float = C.DEFAULT_EMA_DECAY
@@ -141,6 +144,7 @@ def train_arguments(settings: TrainSettings, resume: bool = False) -> List[str]:
         "--lambda-u", _number(settings.lambda_u),
         "--confidence", _number(settings.confidence),
         "--ema-decay", _number(settings.ema_decay),
+        "--warmup-until-plateau" if settings.warmup_plateau else "--no-warmup-until-plateau",
     ]
     if not settings.dfe:
         args.append("--no-dfe")

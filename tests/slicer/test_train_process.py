@@ -271,7 +271,7 @@ def test_train_arguments_spell_out_every_setting(tmp_path):
         "train", "--labeled", "/data/Dataset003_Liver", "--run-dir", "/runs/liver", "--unlabeled", "/data/unlabeled",
         "--backbone", "sam2.1_hiera_small", "--device", "cuda", "--iterations", "500", "--seed", "0",
         "--warmup-iterations", "2000", "--lambda-u", "1.0", "--confidence", "0.95", "--ema-decay", "0.99",
-        "--no-dfe", "--no-consistency", "--class-guard", "--weak-views", "0", "--encoder-blocks", "0",
+        "--warmup-until-plateau", "--no-dfe", "--no-consistency", "--class-guard", "--weak-views", "0", "--encoder-blocks", "0",
     ]
     assert train_command(s, ["PythonSlicer", "-m", "sss_lib"], resume=True)[-1] == "--resume"
     scene = TrainSettings(run_dir="/runs/x", unlabeled_source=C.SOURCE_SCENE)
@@ -323,12 +323,12 @@ def test_panel_command_parses_with_the_trainer_options(tmp_path):
     assert (args.warmup_iterations, args.lambda_u, args.confidence, args.ema_decay) == (200, 0.5, 0.9, 0.995)
     assert args.no_dfe and args.no_pcsw and not args.no_consistency and args.resume
     assert args.class_guard and not args.adaptive_thresholds and not args.dfe_to_decoder and not args.memory_path
-    assert (args.weak_views, args.encoder_blocks) == (0, 0)
-    switches = TrainSettings(run_dir=str(tmp_path / "run"), class_guard=False, adaptive_thresholds=True,
+    assert (args.weak_views, args.encoder_blocks) == (0, 0) and args.warmup_until_plateau
+    switches = TrainSettings(run_dir=str(tmp_path / "run"), class_guard=False, adaptive_thresholds=True, warmup_plateau=False,
                              dfe_to_decoder=True, memory_path=True, weak_views=3, encoder_blocks=2, encoder_lora_rank=4)
     args = parser.parse_args(train_arguments(switches))
     assert not args.class_guard and args.adaptive_thresholds and args.dfe_to_decoder and args.memory_path
-    assert (args.weak_views, args.encoder_blocks, args.encoder_lora_rank) == (3, 2, 4)
+    assert (args.weak_views, args.encoder_blocks, args.encoder_lora_rank) == (3, 2, 4) and not args.warmup_until_plateau
 
 
 def test_a_server_job_takes_every_panel_setting(tmp_path):
@@ -343,12 +343,13 @@ def test_a_server_job_takes_every_panel_setting(tmp_path):
     add_train_arguments(parser.add_subparsers(dest="command").add_parser("train"))
     for s in (TrainSettings(run_dir="/runs/a"),
               TrainSettings(run_dir="/runs/b", class_guard=False, adaptive_thresholds=True, dfe_to_decoder=True,
+                            warmup_plateau=False,
                             memory_path=True, weak_views=2, encoder_blocks=1, encoder_lora_rank=8, consistency=False)):
         argv = settings_to_argv(job_settings(s))
         check_argv(argv)
         on_server = parser.parse_args(["train", "--labeled", "DATA", "--run-dir", "RUN", *argv])
         here = parser.parse_args(train_arguments(s))
-        for dest in ("class_guard", "adaptive_thresholds", "dfe_to_decoder", "memory_path", "weak_views",
+        for dest in ("class_guard", "warmup_until_plateau", "adaptive_thresholds", "dfe_to_decoder", "memory_path", "weak_views",
                      "encoder_blocks", "encoder_lora_rank", "no_consistency", "confidence", "iterations"):
             assert getattr(on_server, dest) == getattr(here, dest), dest
 
@@ -368,7 +369,8 @@ def test_panel_command_is_accepted_by_the_stand_in_trainer_parser(tmp_path):
     s = TrainSettings(run_dir=str(tmp_path), unlabeled_source=C.SOURCE_SCENE, dfe=False, pcsw=False, consistency=False)
     args = fake.parse(train_arguments(s, resume=True))
     assert args.resume and args.no_dfe and args.no_pcsw and args.no_consistency and args.lambda_u == 1.0
-    args = fake.parse(train_arguments(dataclasses.replace(s, class_guard=False, adaptive_thresholds=True,
+    assert args.warmup_until_plateau
+    args = fake.parse(train_arguments(dataclasses.replace(s, class_guard=False, adaptive_thresholds=True, warmup_plateau=False,
                                                           dfe_to_decoder=True, weak_views=1, encoder_blocks=1)))
-    assert not args.class_guard and args.adaptive_thresholds and args.dfe_to_decoder and args.encoder_blocks == 1
+    assert not args.warmup_until_plateau and not args.class_guard and args.adaptive_thresholds and args.dfe_to_decoder and args.encoder_blocks == 1
     assert json.loads(json.dumps(vars(args)))["run_dir"] == str(tmp_path)
