@@ -434,6 +434,8 @@ class _Run:
         extra = state.get("extra") or {}
         stepper.warmup.load_state_dict(extra.get("warmup"))
         stepper.load_guard_state(extra.get("guard"))
+        if stepper.guard is not None:  # its baselines stop where the warm-up ended (known only now)
+            stepper.guard.warmup = stepper.warmup.last_possible
         if stepper.thresholds is not None and extra.get("thresholds"):
             stepper.thresholds.load_state_dict(extra["thresholds"])
         self.best_dice = extra.get("best_dice")
