@@ -5,7 +5,9 @@ contract), around the steps of :mod:`.semisup_step`.
    ``on_bad_case``), check that their classes agree, hold some out for validation; read the
    unlabeled cases.
 2. Embed every slice once (frozen image encoder), and K strong views of every unlabeled slice.
-3. Steps: supervised warm-up, then supervised + lambda_u * unsupervised (:mod:`.semisup_step`).
+3. Steps: supervised warm-up, then supervised + lambda_u * unsupervised (:mod:`.semisup_step`);
+   the warm-up ends where validation stops improving and the unsupervised phase starts from the
+   best validated weights (:mod:`sss_lib.semisup.warmup`).
    Every ``checkpoint_every`` steps an atomic ``checkpoints/last.pt`` (model, optimiser, EMA,
    step, epoch, RNG, data order); every ``val_every`` steps the full Auto-segment pipeline on the
    validation cases (``best.pt`` and ``model.ssstask`` follow the best mean Dice).
