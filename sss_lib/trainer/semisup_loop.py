@@ -34,11 +34,11 @@ from ..backbones.base import Backbone
 from ..embedding_cache import EmbeddingStore
 from ..errors import Cancelled, InputError
 from ..pcsw import default_color, measure_class_ranges
-from ..semisup.warmup import WarmupPlan
 from ..rings import measure_nesting
 from ..runs.checkpoint import checkpoint_payload, load_checkpoint, save_checkpoint
 from ..runs.layout import RunPaths
 from ..runs.rng import capture_rng_state, restore_rng_state
+from ..semisup.warmup import WarmupPlan
 from ..task_model import BackboneRef, TaskClass, TaskModel, TaskPreprocessing, TrainingInfo, ValidationMetrics
 from .adapters import adapter_for
 from .data import LabeledCase, embed_cases, load_case, split_cases
@@ -434,10 +434,8 @@ class _Run:
             raise WeightsError(f"{self.paths.last_checkpoint}: the checkpoint does not fit this run ({err}). "
                                "Resume with the settings the run was started with, or start a new run.") from err
         extra = state.get("extra") or {}
-        stepper.warmup.load_state_dict(extra.get("warmup"))
         stepper.load_guard_state(extra.get("guard"))
-        if stepper.guard is not None:  # its baselines stop where the warm-up ended (known only now)
-            stepper.guard.warmup = stepper.warmup.last_possible
+        stepper.load_warmup_state(extra.get("warmup"))
         if stepper.thresholds is not None and extra.get("thresholds"):
             stepper.thresholds.load_state_dict(extra["thresholds"])
         self.best_dice = extra.get("best_dice")

@@ -251,9 +251,19 @@ class SemiSupStepper:
             self.student.load_state_dict(best_weights)
         if self.teacher is not None:
             self.teacher.module.load_state_dict(self.student.state_dict())
+        self._guard_follows_warmup()
+        if self.guard is not None:
+            self.anchor = self.snapshot_anchor()
+
+    def load_warmup_state(self, state: dict[str, Any] | None) -> None:
+        """Restore :attr:`warmup` from a checkpoint (the guard's baselines follow its end)."""
+        self.warmup.load_state_dict(state)
+        self._guard_follows_warmup()
+
+    def _guard_follows_warmup(self) -> None:
+        """The guard takes baselines up to the warm-up's last step, known only once it has ended."""
         if self.guard is not None:
             self.guard.warmup = int(self.warmup.last_possible)
-            self.anchor = self.snapshot_anchor()
 
     def snapshot_anchor(self) -> nn.ModuleDict:
         """A frozen copy of the student's coarse head (and DFE): the guard's anchor."""
