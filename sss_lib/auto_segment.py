@@ -9,7 +9,10 @@ every slice of the structure PCSW prompted gets an *anchor* prompt made the PCSW
 carrying one key slice's box through the stack; a *presence gate* removes an automatically
 prompted class from the slices where the coarse head does not see it; and a *ring rule*
 (:mod:`sss_lib.rings`) rebuilds, from the coarse head, a ring class (the myocardium) on the slices
-where the boxes filled it or its inner class (the LV cavity) covered it.
+where the boxes filled it or its inner class (the LV cavity) covered it. A fourth: the classes the
+task model names as *coarse classes* (chosen on validation, :mod:`sss_lib.class_source`) are taken
+from the coarse head's own argmax while they are automatically prompted; their prompts are still
+written, and editing them hands the class back to the decoder.
 
 Edits: the prompts JSON written by a run can be edited and passed back. A class whose prompts are
 marked ``"source": "user"``, or differ from what PCSW makes, is the user's: it is kept as given
@@ -96,6 +99,10 @@ class TaskRuntime:
         nesting: ``{outer: (inner, ...)}`` from the task model (:attr:`TaskModel.nesting`).
         ring_rule: **(ours)** apply :func:`sss_lib.rings.apply_ring_rule` to the automatically
             prompted classes of ``nesting``; False: the propagated masks as they are.
+        coarse_classes: **(ours)** the classes taken from the coarse head's argmax instead of the
+            prompted decoder (:mod:`sss_lib.class_source`), when automatically prompted; from the
+            task model (:attr:`TaskModel.coarse_classes`, chosen on validation). ``()``: every
+            class from the decoder.
     """
 
     backbone: "Backbone"
@@ -110,6 +117,7 @@ class TaskRuntime:
     prompt_points: bool | None = None
     nesting: dict[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)
     ring_rule: bool = True
+    coarse_classes: tuple[int, ...] = ()
 
     @classmethod
     def from_task_model(cls, model: TaskModel, *, device: str = "auto", backbone: "Backbone | None" = None,
@@ -148,7 +156,8 @@ class TaskRuntime:
         adapter.prepare_for_task()
         head = head.to(adapter.device).eval()
         return cls(net, adapter, head, tuple(model.classes), model.preprocessing, model.pcsw,
-                   dict(model.volume_ranges_mm3), nesting=dict(model.nesting))
+                   dict(model.volume_ranges_mm3), nesting=dict(model.nesting),
+                   coarse_classes=tuple(model.coarse_classes))
 
     @property
     def labels(self) -> list[int]:
@@ -211,6 +220,8 @@ class AutoSegmentResult:
         recomputed / reused: labels the engine propagated in this run / kept from the last run.
         seconds: wall time; ``timings``: seconds per stage (``coarse``, ``pcsw``, ``engine``).
         rings: outer label -> the slices where the ring rule rebuilt it (:mod:`sss_lib.rings`).
+        from_coarse: the labels taken from the coarse head (:attr:`TaskRuntime.coarse_classes`
+            that were automatically prompted in this run).
     """
 
     labels: Volume
@@ -223,6 +234,7 @@ class AutoSegmentResult:
     seconds: float
     timings: dict[str, float]
     rings: dict[int, list[int]] = dataclasses.field(default_factory=dict)
+    from_coarse: list[int] = dataclasses.field(default_factory=list)
 
 
 class AutoSegmentSession:
@@ -259,6 +271,26 @@ class AutoSegmentSession:
         stack = axis.to_stack(labels.voxels).copy()
         changed = apply_ring_rule(stack, self.probabilities(), rt.nesting, _auto_labels(prompt_set))
         return (labels.with_voxels(axis.from_stack(stack)) if changed else labels), changed
+
+    def _coarse_classes(self, labels: Volume, prompt_set: PromptSet) -> tuple[Volume, list[int]]:
+        """Take the runtime's coarse classes from the coarse head, where automatically prompted."""
+        classes = [c for c in self.runtime.coarse_classes if c in _auto_labels(prompt_set)]
+        if not classes:
+            return labels, []
+        from .class_source import apply_coarse_classes, coarse_label_stack
+
+        axis = self.slice_axis
+        stack = axis.to_stack(labels.voxels).copy()
+        apply_coarse_classes(stack, coarse_label_stack(self.probabilities()), classes)
+        return labels.with_voxels(axis.from_stack(stack)), classes
+
+    def coarse_labels(self) -> Volume:
+        """The coarse head's own argmax as a label volume on the input's grid (0 = background)."""
+        from .class_source import coarse_label_stack
+
+        stack = coarse_label_stack(self.probabilities())
+        dtype = np.uint8 if max(self.runtime.labels, default=0) < 256 else np.uint16
+        return self.volume.with_voxels(self.slice_axis.from_stack(stack).astype(dtype, copy=False))
 
     def _gate(self, labels: Volume, prompt_set: PromptSet) -> Volume:
         """Apply the runtime's presence gate to the automatically prompted classes."""
@@ -349,10 +381,11 @@ class AutoSegmentSession:
             labels, recomputed, reused = seg.labels, seg.recomputed, seg.reused
             labels = self._gate(labels, prompt_set)
             labels, rings = self._rings(labels, prompt_set)
+            labels, from_coarse = self._coarse_classes(labels, prompt_set)
         else:
             log.warning("no class has a prompt: the label map is empty")
             labels = self.volume.with_voxels(np.zeros(self.volume.voxels.shape, np.uint8))
-            recomputed, reused, rings = [], [], {}
+            recomputed, reused, rings, from_coarse = [], [], {}, []
         t3 = time.perf_counter()
         present = prompt_set.by_label()
         user = sorted(lbl for lbl, c in present.items() if any(p.source == "user" for p in c.prompts))
@@ -361,7 +394,7 @@ class AutoSegmentSession:
             if res.status != "ok":
                 log.info("class %d: PCSW %s (%s)", lbl, res.status, res.reason)
         return AutoSegmentResult(labels, prompt_set, results, user, absent, recomputed, reused, t3 - t0,
-                                 {"coarse": t1 - t0, "pcsw": t2 - t1, "engine": t3 - t2}, rings)
+                                 {"coarse": t1 - t0, "pcsw": t2 - t1, "engine": t3 - t2}, rings, from_coarse)
 
 
 def _auto_labels(prompt_set: PromptSet) -> list[int]:

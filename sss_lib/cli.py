@@ -146,6 +146,8 @@ def _cmd_auto_segment(args: argparse.Namespace) -> int:
             continue
         c = present[label]
         source = "user" if label in result.user_classes else f"auto, PCSW {result.pcsw[label].status}"
+        if label in result.from_coarse:
+            source += "; mask from the coarse head (the task model's choice on validation; edit its prompts to use them)"
         keys = ", ".join(str(p.key_slice) for p in c.prompts)
         count = int((result.labels.voxels == label).sum())
         print(f"class {label} {c.name}: {source}, key slice(s) {keys}, {count} voxels")

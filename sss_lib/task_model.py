@@ -146,12 +146,18 @@ class TrainingInfo:
 
 @dataclasses.dataclass(frozen=True)
 class ValidationMetrics:
-    """Per-class metrics on the held-out labeled cases (label -> value; distances in mm)."""
+    """Per-class metrics on the held-out labeled cases (label -> value; distances in mm).
+
+    ``dice`` is the Auto-segment pipeline's with every class from the decoder; ``coarse_dice`` the
+    coarse head's own argmax on the same cases (what :attr:`TaskModel.coarse_classes` was chosen
+    from; empty in files written before it was measured).
+    """
 
     n_cases: int
     dice: dict[int, float]
     hd95_mm: dict[int, float] = dataclasses.field(default_factory=dict)
     asd_mm: dict[int, float] = dataclasses.field(default_factory=dict)
+    coarse_dice: dict[int, float] = dataclasses.field(default_factory=dict)
 
     @property
     def mean_dice(self) -> float:
@@ -201,6 +207,10 @@ class TaskModel:
             fill. Files written before it existed load with ``{}`` (no rule).
         encoder_tuning: how the ``image_encoder`` component was trained (None: no such component;
             the backbone's image encoder runs as shipped).
+        coarse_classes: **(ours)** the classes Auto-segment takes from the coarse head instead of
+            the prompted decoder, chosen on the validation cases (:mod:`sss_lib.class_source`;
+            the evidence is :attr:`ValidationMetrics.coarse_dice`). Files written before it
+            existed load with ``()`` (every class from the decoder).
     """
 
     backbone: BackboneRef
@@ -213,6 +223,7 @@ class TaskModel:
     weights: Weights
     nesting: dict[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)
     encoder_tuning: EncoderTuning | None = None
+    coarse_classes: tuple[int, ...] = ()
 
     @property
     def class_names(self) -> dict[int, str]:
@@ -364,6 +375,9 @@ def _check_settings(model: TaskModel, source: object) -> None:
         if outer not in labels or not set(inners) <= labels or outer in inners:
             raise TaskModelError(source, f"nesting {outer} -> {list(inners)} names a class that is not in the class "
                                  "table, or a class inside itself", "Re-export the task model from SSSTrain.")
+    if not set(model.coarse_classes) <= labels:
+        raise TaskModelError(source, f"coarse_classes {list(model.coarse_classes)} names a class that is not in the "
+                             "class table", "Re-export the task model from SSSTrain.")
     try:
         dataclasses.replace(model.pcsw)  # re-runs PcswConfig's own range checks
     except ValueError as err:
@@ -417,9 +431,9 @@ def _as_array(value: Any, name: str) -> np.ndarray:
 # Metadata <-> JSON (typed, through the dataclasses' annotations)
 # ------------------------------------------------------------------------------------------------
 _META_FIELDS = ("backbone", "classes", "preprocessing", "pcsw", "volume_ranges_mm3", "training", "validation",
-                "nesting", "encoder_tuning")
+                "nesting", "encoder_tuning", "coarse_classes")
 #: Fields added after format version 1 was first written: a factory of what their absence means.
-_OPTIONAL_FIELDS: dict[str, Any] = {"nesting": dict, "encoder_tuning": lambda: None}
+_OPTIONAL_FIELDS: dict[str, Any] = {"nesting": dict, "encoder_tuning": lambda: None, "coarse_classes": tuple}
 
 
 def _metadata_to_json(model: TaskModel) -> dict[str, Any]:

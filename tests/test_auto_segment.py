@@ -239,3 +239,31 @@ def test_the_task_model_carries_the_nesting_and_the_ring_rule_changes_only_the_s
     # Only the nest's own classes move, and the disc (Myo or LV) keeps the boxes' outline.
     moved_px = a != b
     assert set(np.unique(a[moved_px])) <= {2, 3} and set(np.unique(b[moved_px])) <= {2, 3}
+
+
+def test_coarse_classes_come_from_the_coarse_head_until_the_user_edits_them(session, image):
+    from sss_lib.auto_segment import AutoSegmentSession
+
+    decoder = AutoSegmentSession(image, session.runtime, store=session.engine.store)
+    plain = decoder.run()
+    coarse = decoder.coarse_labels().voxels
+    label = sorted(plain.prompts.by_label())[0]
+    assert plain.from_coarse == [] and np.count_nonzero(coarse == label) > 0
+    runtime = dataclasses.replace(session.runtime, coarse_classes=(label,))
+    taken = AutoSegmentSession(image, runtime, store=session.engine.store).run()
+    assert taken.from_coarse == [label]
+    assert np.array_equal(taken.labels.voxels == label, coarse == label)
+    kept = (plain.labels.voxels != label) & (coarse != label)
+    assert np.array_equal(taken.labels.voxels[kept], plain.labels.voxels[kept]), "other classes stay the decoder's"
+    # Once the user edits the class, it is the decoder's again.
+    edited = PromptSet(taken.prompts.slice_axis, [moved(c, 0.0) if c.label != label else
+                                                  ClassPrompts(c.label, c.name, [dataclasses.replace(p, source="user")
+                                                                                 for p in c.prompts], c.color)
+                                                  for c in taken.prompts.classes])
+    runs = {}
+    for name, rt in (("user", runtime), ("reference", session.runtime)):
+        s = AutoSegmentSession(image, rt, store=session.engine.store)
+        s.run()
+        runs[name] = s.run(edited)
+    assert runs["user"].from_coarse == [] and label in runs["user"].user_classes
+    assert np.array_equal(runs["user"].labels.voxels, runs["reference"].labels.voxels)

@@ -115,6 +115,11 @@ def test_ssl_steps_are_finite_and_the_unsupervised_loss_starts_after_warmup(data
     for name, value in runtime.head.dfe.state_dict().items():
         np.testing.assert_array_equal(value.cpu().numpy(), model.weights["dfe"][name])
     assert model.training.n_unlabeled == 2 and "semi-supervised (DFE on, PCSW on)" in model.training.notes
+    # The kept validation's coarse-head Dice is stored, and the coarse classes follow from it.
+    from sss_lib.class_source import choose_coarse_classes
+
+    assert model.validation is not None and set(model.validation.coarse_dice) == set(model.validation.dice)
+    assert model.coarse_classes == choose_coarse_classes(model.validation.dice, model.validation.coarse_dice)
     assert (tmp_path / "run" / "curves.png").stat().st_size > 0
     assert (tmp_path / "run" / "config.json").is_file()
     # The optimiser's groups: coarse head, DFE (a tenth of the head's rate by default), decoder.

@@ -92,6 +92,8 @@ def test_kill_then_resume_matches_an_uninterrupted_run(data, tmp_path):
     assert a["ema"]["num_updates"] == b["ema"]["num_updates"] == 8
     # The warm-up ended at its longest (step 4 of 8, validated there) before the kill; the resumed run knew.
     assert a["extra"]["warmup"]["end"] == b["extra"]["warmup"]["end"] == 4
+    # The kept step's coarse-head Dice (what the task model's coarse classes are chosen from) too.
+    assert a["extra"]["best_coarse_dice"] and a["extra"]["best_coarse_dice"] == b["extra"]["best_coarse_dice"]
     # The history holds each step once, across the kill.
     history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history if h["event"] == "step"] == list(range(1, 9))

@@ -71,6 +71,11 @@ def test_task_model_file_holds_what_auto_segment_needs(trained, dataset):
     assert model.validation is not None and model.validation.n_cases == 1
     kept = next(v for v in result.validations if v.iteration == result.best_iteration)
     assert model.validation.dice == pytest.approx(kept.dice)
+    # The coarse head's own Dice on the same validation case is measured and the choice follows it.
+    from sss_lib.class_source import choose_coarse_classes
+
+    assert set(kept.coarse_dice) == set(kept.dice) and model.validation.coarse_dice == pytest.approx(kept.coarse_dice)
+    assert model.coarse_classes == choose_coarse_classes(kept.dice, kept.coarse_dice)
     # PCSW ranges are measured on the training cases only.
     labels = [read_label(dataset / "labelsTr" / f"{c}.nii.gz") for c in result.train_cases]
     expected = measure_class_ranges([v.voxels for v in labels], [v.spacing for v in labels])

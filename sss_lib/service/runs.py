@@ -322,6 +322,9 @@ def auto_segment_work(edited: "PromptSet | None", prompt_points: bool | None) ->
         rings = getattr(result, "rings", None)  # the ring rule's rebuilt slices, where the library reports them
         if rings:
             meta["rings"] = {str(k): [int(s) for s in v] for k, v in rings.items()}
+        from_coarse = getattr(result, "from_coarse", None)  # classes painted from the coarse head
+        if from_coarse:
+            meta["from_coarse"] = [int(k) for k in from_coarse]
         return labels, meta
 
     return work

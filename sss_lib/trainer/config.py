@@ -126,12 +126,14 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class ValidationRecord:
-    """One validation: step, per-class Dice averaged over the held-out cases, and their mean."""
+    """One validation: step, per-class Dice averaged over the held-out cases, and their mean
+    (Auto-segment with every class from the decoder), and the coarse head's own per-class Dice."""
 
     iteration: int
     dice: dict[int, float]
     mean_dice: float
     seconds: float
+    coarse_dice: dict[int, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass

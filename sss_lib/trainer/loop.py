@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..backbones.base import Backbone
+from ..class_source import choose_coarse_classes
 from ..embedding_cache import EmbeddingStore
 from ..errors import Cancelled, InputError
 from ..metrics import dice as dice_score
@@ -179,9 +180,10 @@ def _train(config: TrainConfig, net: Backbone, adapter: DecoderAdapter, dataset:
         best_dice, best_step, state = best
         trainer.restore(state)
         kept = next(v for v in validations if v.iteration == best_step)
-        validation = ValidationMetrics(len(val), dict(kept.dice))
+        validation = ValidationMetrics(len(val), dict(kept.dice), coarse_dice=dict(kept.coarse_dice))
+        coarse_classes = choose_coarse_classes(kept.dice, kept.coarse_dice)
     else:
-        best_step, validation = config.iterations, None
+        best_step, validation, coarse_classes = config.iterations, None, ()
         log.warning("no validation cases: keeping the weights of the last step")
 
     weights = {"coarse_head": {k: v.detach().cpu() for k, v in head.state_dict().items()},
@@ -203,6 +205,7 @@ def _train(config: TrainConfig, net: Backbone, adapter: DecoderAdapter, dataset:
         weights=weights,  # type: ignore[arg-type]
         nesting=nesting,
         encoder_tuning=encoder.tuning if encoder is not None else None,
+        coarse_classes=coarse_classes,
     )
     path = save_task_model(model, config.out)
     seconds = time.perf_counter() - t_start
@@ -330,7 +333,9 @@ class _Trainer:
 
 
 class _Validator:
-    """The full Auto-segment pipeline on held-out cases, with the weights being trained."""
+    """The full Auto-segment pipeline on held-out cases, with the weights being trained, every
+    class from the decoder; and the coarse head's own argmax on the same cases (per-class Dice of
+    both: what :func:`sss_lib.class_source.choose_coarse_classes` chooses from)."""
 
     def __init__(self, cases: Sequence[LabeledCase], adapter: DecoderAdapter, head: torch.nn.Module,
                  classes: tuple[TaskClass, ...], prep: TaskPreprocessing, config: TrainConfig,
@@ -356,17 +361,21 @@ class _Validator:
         runtime = TaskRuntime(self.adapter.backbone, self.adapter, self.head, self.classes,  # type: ignore[arg-type]
                               self.prep, self.config.pcsw, self.ranges, nesting=self.nesting)
         scores: dict[int, list[float]] = {c.label: [] for c in self.classes}
+        coarse_scores: dict[int, list[float]] = {c.label: [] for c in self.classes}
         try:
             for n, case in enumerate(self.cases, start=1):
-                result = AutoSegmentSession(case.image, runtime, store=self.store).run()
-                pred, gt = result.labels.voxels, case.label.voxels
-                for lbl in scores:
-                    if (gt == lbl).any() or (pred == lbl).any():
-                        scores[lbl].append(dice_score(pred == lbl, gt == lbl))
+                session = AutoSegmentSession(case.image, runtime, store=self.store)
+                result = session.run()
+                gt = case.label.voxels
+                for pred, into in ((result.labels.voxels, scores), (session.coarse_labels().voxels, coarse_scores)):
+                    for lbl in into:
+                        if (gt == lbl).any() or (pred == lbl).any():
+                            into[lbl].append(dice_score(pred == lbl, gt == lbl))
                 if progress is not None:
                     progress(TrainEvent("validate", n, len(self.cases), f"validated {case.case_id}"))
         finally:
             self.head.train(was_training)
         dice = {lbl: float(np.mean(v)) for lbl, v in scores.items() if v}
         mean = float(np.mean(list(dice.values()))) if dice else 0.0
-        return ValidationRecord(step, dice, mean, time.perf_counter() - t0)
+        coarse = {lbl: float(np.mean(v)) for lbl, v in coarse_scores.items() if v}
+        return ValidationRecord(step, dice, mean, time.perf_counter() - t0, coarse)

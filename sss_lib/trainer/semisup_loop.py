@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..backbones.base import Backbone
+from ..class_source import choose_coarse_classes
 from ..embedding_cache import EmbeddingStore
 from ..errors import Cancelled, InputError
 from ..pcsw import default_color, measure_class_ranges
@@ -150,6 +151,7 @@ class _Run:
         self.timings = {"load": 0.0, "embed": 0.0, "train": 0.0, "validate": 0.0}
         self.best_dice: float | None = None
         self.best_step: int | None = None
+        self.best_coarse_dice: dict[int, float] = {}  # the coarse head's per-class Dice at best_step
         self.nesting: dict[int, tuple[int, ...]] = {}
         self.warmup: WarmupPlan | None = None
 
@@ -408,7 +410,8 @@ class _Run:
             optimizer=stepper.optimizer.state_dict(),
             ema=stepper.teacher.state_dict() if stepper.teacher is not None else None,
             rng=capture_rng_state(stepper.generators), data=stepper.order.state_dict(),
-            extra={"best_dice": self.best_dice, "best_step": self.best_step, "guard": stepper.guard_state(),
+            extra={"best_dice": self.best_dice, "best_step": self.best_step, "best_coarse_dice": self.best_coarse_dice,
+                   "guard": stepper.guard_state(),
                    "warmup": stepper.warmup.state_dict(),
                    "thresholds": stepper.thresholds.state_dict() if stepper.thresholds is not None else None},
         )
@@ -440,6 +443,7 @@ class _Run:
             stepper.thresholds.load_state_dict(extra["thresholds"])
         self.best_dice = extra.get("best_dice")
         self.best_step = extra.get("best_step")
+        self.best_coarse_dice = {int(k): float(v) for k, v in (extra.get("best_coarse_dice") or {}).items()}
         step = int(state["step"])
         self.say(f"resuming after step {step} of {self.config.total_steps}")
         return step
@@ -475,7 +479,7 @@ class _Run:
         improved = self.best_dice is None or record.mean_dice > self.best_dice
         note = f"mean {record.mean_dice:.4f}" + (" (best so far)" if improved else "")
         if improved:
-            self.best_dice, self.best_step = record.mean_dice, step
+            self.best_dice, self.best_step, self.best_coarse_dice = record.mean_dice, step, dict(record.coarse_dice)
         guarded = self._guard(stepper, step, record.dice, names)
         self.reporter.val(step, dice, note + (f"; {guarded}" if guarded else ""))
         if improved:
@@ -516,6 +520,7 @@ class _Run:
         state = {k: v.detach().cpu() for k, v in stepper.student.state_dict().items()}
         kept = step
         validation = None
+        coarse_classes: tuple[int, ...] = ()
         if self.best_step is not None and self.paths.best_checkpoint.is_file():
             state = load_checkpoint(self.paths.best_checkpoint)["model"]
             kept = self.best_step
@@ -523,7 +528,9 @@ class _Run:
             if rows:
                 by_name = {c.name: c.label for c in classes}
                 validation = ValidationMetrics(len(val), {by_name[k]: float(v) for k, v in rows[-1].val_dice.items()
-                                                          if k in by_name and v is not None})
+                                                          if k in by_name and v is not None},
+                                               coarse_dice=dict(self.best_coarse_dice))
+                coarse_classes = choose_coarse_classes(validation.dice, validation.coarse_dice)
         weights: dict[str, dict[str, torch.Tensor]] = {}
         for key, value in state.items():
             comp, _, name = key.partition(".")
@@ -540,7 +547,7 @@ class _Run:
             training=TrainingInfo.now(cfg.train.data_name or Path(cfg.train.labeled).name, n_labeled=len(train),
                                       n_unlabeled=len(unlabeled), iterations=step, seed=cfg.train.seed, notes=notes),
             validation=validation, weights=weights, nesting=self.nesting,  # type: ignore[arg-type]
-            encoder_tuning=tuning_from_config(cfg.train),
+            encoder_tuning=tuning_from_config(cfg.train), coarse_classes=coarse_classes,
         )
         path = save_task_model(model, self.paths.root / "model.ssstask")
         if cfg.copy_to is not None:
