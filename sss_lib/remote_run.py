@@ -132,6 +132,7 @@ class RemoteAutoResult:
     reused: list[int]
     seconds: float
     remote: RemoteResult
+    from_coarse: list[int] = dataclasses.field(default_factory=list)
 
 
 def auto_segment_remote(
@@ -186,7 +187,7 @@ def auto_segment_remote(
     pcsw = {label: types.SimpleNamespace(status=d.get("status", "?"), reason=d.get("reason", ""))
             for label, d in result.pcsw.items()}
     return RemoteAutoResult(labels, used, pcsw, result.user_classes, result.absent, result.recomputed,
-                            result.reused, result.seconds, result)
+                            result.reused, result.seconds, result, result.from_coarse)
 
 
 def _check_output(output: str | Path) -> Path:

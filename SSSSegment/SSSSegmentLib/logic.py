@@ -671,7 +671,10 @@ def status_text(result: Any, backbone_name: str, device: str) -> str:
     reused = f", {len(result.reused)} reused" if result.reused else ""
     absent = getattr(result, "absent", None) or [lbl for lbl, slices in result.slices_per_class.items() if not slices]
     empty = f"; empty: class {', '.join(str(a) for a in absent)}" if absent else ""
+    coarse = getattr(result, "from_coarse", None) or []
+    from_coarse = (f"; class {', '.join(str(c) for c in coarse)} from the task model's coarse head (move a prompt "
+                   "of the class to segment it from its prompts)") if coarse else ""
     return (
         f"Segmented {n} class(es) ({len(result.recomputed)} recomputed{reused}) in {result.seconds:.1f} s "
-        f"with {backbone_name} on {device}{empty}."
+        f"with {backbone_name} on {device}{empty}{from_coarse}."
     )

@@ -211,6 +211,11 @@ class RemoteResult:
     def absent(self) -> List[int]:
         return [int(v) for v in self.meta.get("absent") or []]
 
+    @property
+    def from_coarse(self) -> List[int]:
+        """Auto-segment: the classes painted from the coarse head (the task model's choice)."""
+        return [int(v) for v in self.meta.get("from_coarse") or []]
+
 
 # ------------------------------------------------------------------------------------------------
 # The client

@@ -72,3 +72,23 @@ def test_auto_segment_then_an_edited_class_recomputes_alone(api, heart_task_mode
     labels2 = protocol.apply_patch(patch, start2, patch2)
     full, _, _ = protocol.decode_result(api.get(f"/runs/{status2['run_id']}/result", params={"full": 1}).content)
     np.testing.assert_array_equal(labels2, full)
+
+
+def test_a_coarse_class_is_reported_until_the_user_edits_it(api, heart_task_model, models_dir, case):
+    import dataclasses
+
+    from sss_lib.task_model import load_task_model, save_task_model
+
+    model = load_task_model(heart_task_model)
+    save_task_model(dataclasses.replace(model, coarse_classes=(3,)), models_dir / "heart_coarse.ssstask")
+    sess = open_session(api, upload(api, case)["volume_id"], task_model="heart_coarse")
+    _, (patch, _, meta) = run_to_end(api, sess["session_id"], "auto-segment")
+    auto = {c["label"]: c for c in meta["prompts"]["classes"]}
+    assert 3 in auto, meta["pcsw"]
+    assert meta["from_coarse"] == [3]
+    edited = meta["prompts"]
+    target = next(c for c in edited["classes"] if c["label"] == 3)
+    x0, y0, x1, y1 = target["prompts"][0]["box"]
+    target["prompts"][0]["box"] = [x0 + 1, y0, x1 + 1, y1]
+    _, (_, _, meta2) = run_to_end(api, sess["session_id"], "auto-segment", prompts=edited)
+    assert meta2["user_classes"] == [3] and "from_coarse" not in meta2

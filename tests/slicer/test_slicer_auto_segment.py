@@ -67,6 +67,11 @@ def test_auto_segment_writes_prompts_and_segments_then_keeps_user_edits(scene, c
     assert [seg.GetSegmentation().GetSegment(segmentation.segment_id(l)).GetName() for l in (1, 2)] == ["tumour", "vessel"]
     testing.check_segmentation_matches(seg, crop_volume, result.labels.voxels, [1, 2])
     assert "empty: class 2" in status_text(result, outcome.backbone_name, "cpu")
+    assert "coarse head" not in status_text(result, outcome.backbone_name, "cpu")
+    import dataclasses
+
+    coarse_text = status_text(dataclasses.replace(result, from_coarse=[1]), outcome.backbone_name, "cpu")
+    assert "class 1 from the task model's coarse head" in coarse_text
     # The markups say what PCSW said, in world space on the oblique, transformed volume.
     axis = outcome.session.slice_axis
     (pcsw_prompt,) = result.prompts.classes[0].prompts
