@@ -256,10 +256,11 @@ def test_coarse_classes_come_from_the_coarse_head_until_the_user_edits_them(sess
     kept = (plain.labels.voxels != label) & (coarse != label)
     assert np.array_equal(taken.labels.voxels[kept], plain.labels.voxels[kept]), "other classes stay the decoder's"
     # Once the user edits the class, it is the decoder's again.
-    edited = PromptSet(taken.prompts.slice_axis, [moved(c, 0.0) if c.label != label else
-                                                  ClassPrompts(c.label, c.name, [dataclasses.replace(p, source="user")
-                                                                                 for p in c.prompts], c.color)
-                                                  for c in taken.prompts.classes])
+    def as_user(c: ClassPrompts) -> ClassPrompts:
+        return ClassPrompts(c.label, c.name, [dataclasses.replace(p, source="user") for p in c.prompts], c.color)
+
+    edited = PromptSet(taken.prompts.slice_axis,
+                       [as_user(c) if c.label == label else c for c in taken.prompts.classes])
     runs = {}
     for name, rt in (("user", runtime), ("reference", session.runtime)):
         s = AutoSegmentSession(image, rt, store=session.engine.store)
