@@ -38,7 +38,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dfe-width", type=int, default=None, help="DFE width (default: 256, the paper's)")
     ap.add_argument("--cases", type=int, default=6, help="unlabeled phantoms (3 labeled are added)")
     ap.add_argument("--name", default="ssl_cuda")
+    parts = ap.add_argument_group("the spec parts behind switches (issue 13), all off by default")
+    parts.add_argument("--memory-path", action="store_true",
+                       help="pseudo-labels from SAM-2's memory propagation, decoder on memory-conditioned features")
+    parts.add_argument("--weak-views", type=int, default=0, help="weak views per labeled case")
+    parts.add_argument("--encoder-blocks", type=int, default=0, help="image encoder's last N blocks trainable")
+    parts.add_argument("--encoder-lora-rank", type=int, default=0, help="LoRA rank on those blocks (0: the blocks)")
+    parts.add_argument("--dfe-to-decoder", action="store_true", help="DFE features reach the mask decoder")
+    parts.add_argument("--all-parts", action="store_true",
+                       help="every part semi-supervised training takes: memory path, 2 weak views, DFE to decoder")
+    ap.add_argument("--supervised", action="store_true",
+                    help="no unlabeled cases, no consistency (the encoder's blocks train only this way)")
     args = ap.parse_args(argv)
+    if args.all_parts:
+        args.memory_path, args.dfe_to_decoder = True, True
+        args.weak_views = args.weak_views or 2
+    if args.encoder_blocks and not args.supervised:
+        ap.error("--encoder-blocks trains in supervised runs only: add --supervised")
     try:
         import scipy  # noqa: F401 - PCSW and the phantoms need it
     except ImportError:
@@ -69,10 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     train = TrainConfig(lab, work / "run" / "model.ssstask", backbone=args.backbone, device=args.device,
                         image_size=args.image_size, iterations=args.iterations, seed=0,
                         head_batch=args.labeled_batch, decoder_batch=args.decoder_batch, val_cases=("case_002",),
-                        val_every=args.iterations)
-    cfg = SemiSupConfig(train=train, run_dir=work / "run", unlabeled=unl, warmup_iterations=args.warmup,
+                        val_every=args.iterations, weak_views=args.weak_views, encoder_blocks=args.encoder_blocks,
+                        encoder_lora_rank=args.encoder_lora_rank)
+    cfg = SemiSupConfig(train=train, run_dir=work / "run", unlabeled=None if args.supervised else unl,
+                        consistency=not args.supervised, warmup_iterations=args.warmup,
                         rampup_iterations=args.warmup, warmup_until_plateau=False, unlabeled_batch=args.unlabeled_batch, dfe_width=args.dfe_width,
-                        checkpoint_every=args.iterations)
+                        checkpoint_every=args.iterations, memory_path=args.memory_path,
+                        dfe_to_decoder=args.dfe_to_decoder)
     history = work / "run" / "history.jsonl"
     reporter = ProgressReporter(cfg.total_steps, json_lines=False, console_view=True, history=history)
     if args.device.startswith("cuda"):
@@ -84,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
 
     steps = [r for r in read_history(history) if r.event == "step"]
     finite = all(v is not None and math.isfinite(v) for r in steps for k, v in r.losses.items() if k != "unsup") and \
-        all(r.losses["unsup"] is not None and math.isfinite(r.losses["unsup"]) for r in steps if r.step > args.warmup)
+        (args.supervised or all(r.losses.get("unsup") is not None and math.isfinite(r.losses["unsup"])
+                                for r in steps if r.step > args.warmup))
     times = {r.step: r.elapsed_s for r in steps}
 
     def rate(first: int, last: int) -> float | None:
@@ -94,9 +114,14 @@ def main(argv: list[str] | None = None) -> int:
 
     sup_rate = rate(2, args.warmup)
     ssl_rate = rate(args.warmup + 2, args.iterations)
-    embedded = 3 * 8 + args.cases * 8 * (1 + cfg.strong_views)
+    embedded = 3 * 8 * (1 + args.weak_views) + (0 if args.supervised else args.cases * 8 * (1 + cfg.strong_views))
+    switches = [name for name, on in (("supervised only", args.supervised), ("memory path", args.memory_path), (f"{args.weak_views} weak views", args.weak_views),
+                                      (f"encoder {args.encoder_blocks} blocks" + (f" LoRA {args.encoder_lora_rank}" if args.encoder_lora_rank else ""),
+                                       args.encoder_blocks),
+                                      ("DFE to decoder", args.dfe_to_decoder)) if on]
     result = {
         "settings": vars(args),
+        "switches": switches,
         "device": str(backbone.device),
         "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None,
         "autocast": "bf16" if args.device.startswith("cuda") else "none",
@@ -113,9 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         "last_losses": {k: (v if isinstance(v, float) and math.isfinite(v) else None) for k, v in outcome.last.items()},
         "status": outcome.status,
     }
-    rows = [[args.backbone, args.image_size, f"{result['embeddings_per_second'] or 0:.1f}",
+    rows = [[args.backbone, args.image_size, ", ".join(switches) or "defaults", f"{result['embeddings_per_second'] or 0:.1f}",
              f"{sup_rate or 0:.2f}", f"{ssl_rate or 0:.2f}", f"{peak or 0:.2f}", finite]]
-    table = markdown_table(["backbone", "image size", "embeddings/s", "supervised it/s", "SSL it/s",
+    table = markdown_table(["backbone", "image size", "switches", "embeddings/s", "supervised it/s", "SSL it/s",
                             "peak GiB", "losses finite"], rows)
     result["table_markdown"] = table
     path = write_results(args.name, result)

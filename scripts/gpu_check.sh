@@ -16,13 +16,21 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, sam2; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 status=0
+started=$(mktemp)
 python3 -m pytest -q -p no:cacheprovider tests/test_device.py || status=1
 for part in "${parts[@]}"; do
   case "$part" in
     engine) python3 benchmarks/bench_engine.py --device cuda --configs tiny512,tiny1024,large1024 || status=1 ;;
-    ssl) python3 benchmarks/bench_ssl_gpu.py || status=1 ;;
+    ssl)
+      # today's defaults; every part semi-supervised training takes (memory path, weak views, DFE to
+      # the decoder); supervised with the memory path and the encoder's last blocks (LoRA)
+      python3 benchmarks/bench_ssl_gpu.py || status=1
+      python3 benchmarks/bench_ssl_gpu.py --all-parts --name ssl_cuda_all_parts || status=1
+      python3 benchmarks/bench_ssl_gpu.py --supervised --memory-path --encoder-blocks 2 --encoder-lora-rank 4 \
+        --name ssl_cuda_supervised_encoder || status=1 ;;
     *) echo "unknown part $part"; status=1 ;;
   esac
 done
-if [ -n "${OUT:-}" ]; then cp benchmarks/results/*cuda*.json "$OUT"/ 2>/dev/null; fi
+# only what this call wrote
+if [ -n "${OUT:-}" ]; then find benchmarks/results -name '*cuda*.json' -newer "$started" -exec cp {} "$OUT"/ \; ; fi
 exit $status
