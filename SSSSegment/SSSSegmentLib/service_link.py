@@ -275,6 +275,9 @@ class ServiceLink:
             # holds on $SSS_HOME/service/jobs.
             self._jobs_dir = tempfile.mkdtemp(prefix="sss-slicer-service-")
             args += ["--jobs-dir", self._jobs_dir]
+        if "--preload" not in self.extra_args:
+            # The default backbone loads and warms up while the user picks a volume and draws.
+            args += ["--preload", "auto"]
         self._local = self.local_factory(self.python, args, self._env())
         self._local_device = self.device
         self._local_started = time.monotonic()

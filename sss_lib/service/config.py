@@ -43,6 +43,8 @@ class ServiceConfig:
         gpus: how many GPUs training jobs may use (None: every visible GPU).
         ssl_certfile / ssl_keyfile: TLS files handed to uvicorn (both or neither).
         prefetch: compute a session's embeddings ahead, between runs (stretch goal; see sessions.py).
+        preload: backbone names ("auto" too) and task-model names from ``models_dir`` to build and
+            warm up when the service starts (see preload.py), so the first run does not pay for it.
     """
 
     host: str = DEFAULT_HOST
@@ -60,6 +62,7 @@ class ServiceConfig:
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
     prefetch: bool = True
+    preload: tuple[str, ...] = ()
 
     def resolved_jobs_dir(self) -> Path:
         """``jobs_dir``, or the default ``$SSS_HOME/service/jobs``."""

@@ -84,7 +84,7 @@ def build_router(state: ServiceState) -> APIRouter:
             "data_root": config.data_root is not None, "gpus": config.gpus,
             "memory": state.memory.stats(), "sessions": len(state.sessions.all()),
             "runs_active": len(state.runs.active()), "session_ttl_s": config.session_ttl_s,
-            "prefetch": config.prefetch,
+            "prefetch": config.prefetch, "preload": state.preloader.describe(),
         }
 
     # -- volumes and models --------------------------------------------------------------------------

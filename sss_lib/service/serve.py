@@ -83,7 +83,8 @@ def check_config(config: ServiceConfig) -> None:
 
     Raises:
         InputError: a non-loopback host without a token file; one TLS file without the other;
-        a missing folder or TLS file; a non-positive limit.
+        a missing folder or TLS file; a non-positive limit; a ``--preload`` name that is neither a
+        backbone nor a task model in ``--models``.
     """
     if config.token_file is None and not is_loopback(config.host):
         raise InputError(None, f"give --token-file to listen on {config.host}",
@@ -100,6 +101,10 @@ def check_config(config: ServiceConfig) -> None:
         raise InputError(None, "--memory-budget, --max-upload and --session-ttl must be positive")
     if not 0 <= config.port <= 65535:
         raise InputError(None, f"port {config.port} is out of range", "Give 0 (a free port) to 65535.")
+    if config.preload:
+        from .preload import check_preload_names
+
+        check_preload_names(config.preload, Path(config.models_dir) if config.models_dir is not None else None)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -226,6 +231,9 @@ def add_serve_arguments(parser: Any) -> None:
                         help="GPUs training jobs may use (default: every visible GPU)")
     parser.add_argument("--no-prefetch", dest="prefetch", action="store_false",
                         help="do not embed a session's other slices in the background after a run")
+    parser.add_argument("--preload", nargs="+", default=None, metavar="NAME",
+                        help="backbones (auto, litemedsam, sam2.1_hiera_...) or task models from --models (by "
+                             "file name) to build and warm up at start, so the first run does not wait for them")
     parser.add_argument("--ssl-certfile", default=None, metavar="F", help="TLS certificate (with --ssl-keyfile)")
     parser.add_argument("--ssl-keyfile", default=None, metavar="F", help="TLS private key (with --ssl-certfile)")
 
@@ -243,4 +251,5 @@ def config_from_args(args: Any) -> ServiceConfig:
         memory_budget_bytes=int(args.memory_budget * GB), max_upload_bytes=int(args.max_upload * MB),
         session_ttl_s=float(args.session_ttl) * 60.0, gpus=args.gpus,
         ssl_certfile=path(args.ssl_certfile), ssl_keyfile=path(args.ssl_keyfile), prefetch=args.prefetch,
+        preload=tuple(args.preload or ()),
     )

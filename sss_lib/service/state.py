@@ -9,6 +9,7 @@ import threading
 from .config import ServiceConfig
 from .memory import MemoryBudget
 from .models import ModelRegistry, RuntimeCache
+from .preload import Preloader
 from .runs import Run, RunManager
 from .sessions import Session, SessionManager
 from .volumes import VolumeStore
@@ -29,15 +30,18 @@ class ServiceState:
         self.runs = RunManager(after_run=self._after_run if config.prefetch else None)
         self.sessions = SessionManager(volumes=self.volumes, models=self.models, runtimes=self.runtimes,
                                        memory=self.memory, device=device, ttl_s=config.session_ttl_s)
+        self.preloader = Preloader(config.preload, runtimes=self.runtimes, models=self.models, device=device)
         self._stop = threading.Event()
         self._janitor: threading.Thread | None = None
         #: False when a worker thread was still busy after its wait at shutdown (read by ``serve``).
         self.stopped_cleanly = True
 
     def start(self) -> None:
-        """Start the housekeeping thread."""
+        """Start the housekeeping thread; queue the ``--preload`` items on the device worker."""
         self._janitor = threading.Thread(target=self._housekeeping, name="sss-janitor", daemon=True)
         self._janitor.start()
+        if self.preloader.items:
+            self.preloader.start(self.runs.worker(self.device))
 
     def _after_run(self, run: Run) -> None:
         """Embed the session's other slices ahead of the next run (prefetch.py)."""

@@ -78,6 +78,8 @@ def test_service_run_matches_sss_lib_in_process_on_an_oblique_transformed_volume
     testing.check_segmentation_matches(seg, crop_volume, outcome.labels, [1])
     assert seg.GetParentTransformNode() is crop_volume.GetParentTransformNode()
     assert "litemedsam on cpu" in status_text(outcome.result, outcome.backbone_name, outcome.device)
+    # Slicer's local service preloads the default backbone (litemedsam here: no SAM-2 weights cached).
+    assert [(p["name"], p["state"]) for p in link.wait().info()["preload"]] == [("auto", "ready")]
 
     # A second class, then Re-run: no upload, only the new class is propagated, class 1 untouched.
     add_tumour_box(logic, crop_volume, (5.0, 5.0, 15.0, 15.0), "corner", key_slice=3)
