@@ -110,7 +110,7 @@ def _naive_sam2_rerun(backbone, session, prompts) -> float:
         return time.perf_counter() - t0
 
 
-def worker(config: str, device: str) -> dict:
+def worker(config: str, device: str, warm_up_first: bool = False) -> dict:
     import torch
 
     from sss_lib.backbones.registry import build_backbone  # noqa: F401 - import cost outside timings
@@ -139,7 +139,13 @@ def worker(config: str, device: str) -> dict:
             torch.cuda.synchronize()
         return time.perf_counter() - t0, embed_t, result
 
-    cold_s = None
+    cold_s, warm_up_s = None, None
+    if warm_up_first:
+        # What `serve --preload` does at start: the first run below then shows what is left of the
+        # process's start-up costs after the warm-up.
+        from sss_lib.backbones.warmup import warm_up
+
+        warm_up_s = warm_up(backbone)
     if backbone_device.type == "cuda":
         # The first run in a fresh process also pays CUDA's own start-up (context, kernel choice),
         # which a running service pays once, not per volume. It is reported apart (cold); the
@@ -175,6 +181,7 @@ def worker(config: str, device: str) -> dict:
     if device.startswith("cuda"):
         out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
         out["cold_first_run_s"] = cold_s
+        out["warm_up_s"] = warm_up_s
         out["rerun_slices"] = sum(len(v) for v in second.recomputed_slices.values())
         out["rerun_profile"] = profile
     return out
@@ -217,11 +224,14 @@ def _profile_rerun(session, prompts) -> dict:
         return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)) or 0.0)
 
     kernel_s = sum(device_us(e) for e in events) / 1e6
+    kernels = sorted((e for e in events if device_us(e) > 0 and e.key not in ("cudaLaunchKernel",)),
+                     key=device_us, reverse=True)[:12]
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
     slices = sum(len(v) for v in result.recomputed_slices.values())
     return {"wall_s_profiled": wall, "track_calls": tracked["calls"], "track_s": tracked["seconds"],
             "gpu_kernel_s": kernel_s, "kernel_launches": int(launches),
-            "launches_per_track": launches / max(tracked["calls"], 1), "slices": slices}
+            "launches_per_track": launches / max(tracked["calls"], 1), "slices": slices,
+            "top_ops": [{"op": e.key[:120], "device_s": device_us(e) / 1e6, "count": int(e.count)} for e in kernels]}
 
 
 CASES = {"lung1": ("lung1_crop_image.nrrd", "lung1_crop_label.nrrd"),
@@ -414,6 +424,9 @@ def main() -> None:
     parser.add_argument("--configs", default="litemedsam,tiny512,tiny1024")
     parser.add_argument("--name", default=None, help="results file name (default engine_<device>)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--warm-up", action="store_true",
+                        help="warm each backbone up first, as `serve --preload` does (cold_first_run_s is then the "
+                             "first run after it)")
     parser.add_argument("--runtimes", action="store_true", help="compare the CPU encoder runtimes (one process)")
     parser.add_argument("--rounds", type=int, default=7, help="--runtimes: slices timed per runtime")
     parser.add_argument("--sam2-size", type=int, default=1024, help="--runtimes: SAM-2 tiny input (0: skip)")
@@ -423,11 +436,12 @@ def main() -> None:
         runtimes_main(args)
         return
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker, args.device)))
+        print("RESULT " + json.dumps(worker(args.worker, args.device, args.warm_up)))
         return
     rows = []
     for config in args.configs.split(","):
-        proc = subprocess.run([sys.executable, __file__, "--worker", config, "--device", args.device],
+        proc = subprocess.run([sys.executable, __file__, "--worker", config, "--device", args.device]
+                              + (["--warm-up"] if args.warm_up else []),
                               capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
@@ -438,11 +452,11 @@ def main() -> None:
         path = write_results(args.name or f"engine_{args.device.replace(':', '')}", {"runs": rows})
         print(f"done {config}", file=sys.stderr)
     if "rerun_profile" in rows[0]:
-        prof_rows = [[r["config"], r["cold_first_run_s"], r["full_segmentation_s"], r["naive_rerun_s"],
+        prof_rows = [[r["config"], r.get("warm_up_s") or "-", r["cold_first_run_s"], r["full_segmentation_s"], r["naive_rerun_s"],
                       r["rerun_slices"], r["rerun_profile"]["wall_s_profiled"], r["rerun_profile"]["track_s"],
                       r["rerun_profile"]["gpu_kernel_s"], round(r["rerun_profile"]["launches_per_track"])]
                      for r in rows if r.get("rerun_profile")]
-        print(markdown_table(["config", "cold first run s", "first run s (warm)", "naive s", "re-run slices",
+        print(markdown_table(["config", "warm-up s", "cold first run s", "first run s (warm)", "naive s", "re-run slices",
                               "re-run s (profiled)", "in SAM-2 tracking s", "GPU kernel s", "launches/slice"],
                              prof_rows) + "\n")
     headers = ["backbone", "size", "device", "embed/slice s", "full seg s", "re-run 1 class s",
