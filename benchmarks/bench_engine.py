@@ -193,6 +193,7 @@ def _profile_rerun(session, prompts) -> dict:
     kernel time, and kernel launches per slice. A re-run whose kernel time is a small part of its
     wall time is bound by the host (Python and launches), not by the GPU."""
     import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     model = session.backbone.model
@@ -223,15 +224,18 @@ def _profile_rerun(session, prompts) -> dict:
     def device_us(e) -> float:
         return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)) or 0.0)
 
-    kernel_s = sum(device_us(e) for e in events) / 1e6
-    kernels = sorted((e for e in events if device_us(e) > 0 and e.key not in ("cudaLaunchKernel",)),
-                     key=device_us, reverse=True)[:12]
+    # Kernels only: an op's self device time is the time of the kernels it launched, which appear
+    # as events of their own too (summing both would count every kernel twice).
+    kernel_events = [e for e in events if getattr(e, "device_type", None) == DeviceType.CUDA]
+    kernel_s = sum(device_us(e) for e in kernel_events) / 1e6
+    kernels = sorted(kernel_events, key=device_us, reverse=True)[:12]
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
     slices = sum(len(v) for v in result.recomputed_slices.values())
     return {"wall_s_profiled": wall, "track_calls": tracked["calls"], "track_s": tracked["seconds"],
             "gpu_kernel_s": kernel_s, "kernel_launches": int(launches),
             "launches_per_track": launches / max(tracked["calls"], 1), "slices": slices,
-            "top_ops": [{"op": e.key[:120], "device_s": device_us(e) / 1e6, "count": int(e.count)} for e in kernels]}
+            "top_kernels": [{"kernel": e.key[:120], "device_s": device_us(e) / 1e6, "count": int(e.count)}
+                            for e in kernels]}
 
 
 CASES = {"lung1": ("lung1_crop_image.nrrd", "lung1_crop_label.nrrd"),
