@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from typing import TYPE_CHECKING, Any
+import threading
+from typing import TYPE_CHECKING, Any, Iterator
 
 from .errors import DeviceError
 
@@ -109,6 +110,31 @@ def cpu_has_native_bf16() -> bool:
     except OSError:  # not Linux: stay in float32
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+@contextlib.contextmanager
+def autocast_cache_held() -> Iterator[None]:
+    """Keep autocast's cast weights between autocast regions while this is open (this thread).
+
+    Autocast casts each float32 weight to bf16 when an op uses it, keeps the cast while a region is
+    open and drops every cast when the outermost region closes. A propagation that opens a region
+    per slice therefore casts every weight again on every slice (on an H200, 315 of SAM-2 tracking's
+    690 kernel launches per slice were bf16 copies). This raises autocast's nesting level without
+    enabling anything, so the casts survive from one slice's region to the next and are dropped when
+    this closes. Casts are cached only for weights that require grad and outside inference mode;
+    the weights must not change while this is open.
+    """
+    import torch
+
+    thread = threading.get_ident()
+    torch.autocast_increment_nesting()
+    try:
+        yield
+    finally:
+        # Autocast's nesting level is per thread: a generator closed from another thread (garbage
+        # collection) must not lower that thread's level.
+        if threading.get_ident() == thread and torch.autocast_decrement_nesting() == 0:
+            torch.clear_autocast_cache()
 
 
 def autocast_context(device: "torch.device | str") -> contextlib.AbstractContextManager[Any]:

@@ -137,3 +137,14 @@ def torch_image_encoders():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(RUNTIME_ENV, "torch")
         yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def float32_on_every_cpu():
+    """No bf16 autocast on CPUs with native bf16 (AVX512-BF16, AMX) across the suite, subprocesses
+    included: there SAM-2 would track in bf16 while the tests' reference paths compute in float32,
+    and exact comparisons would hold on one machine and not on another. Tests of bf16 set
+    ``SSS_CPU_BF16=1`` themselves (test_device, test_sam2_backbone, test_autocast_cache)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SSS_CPU_BF16", "0")
+        yield

@@ -189,9 +189,17 @@ class Sam2Backbone(Backbone):
             slices: the ``(S, H, W)`` stack; only its shape is read (features come from ``embedding``).
             embedding: slice index -> :class:`Sam2Embedding`, the engine's cache.
         """
+        from ..device import autocast_cache_held
+
         num_slices, height, width = (int(n) for n in slices.shape)
         # Each run goes one way slice by slice: what lies behind its memory's reach is dropped.
         state = self.model.sss_new_state(num_slices, height, width, embedding, forget_behind=True)
+        # The span's weights are cast to bf16 once, not once per slice (under autocast).
+        with autocast_cache_held():
+            yield from self._propagate_span(state, label, span, num_slices, height, width)
+
+    def _propagate_span(self, state: dict, label: int, span: Span, num_slices: int, height: int,
+                        width: int) -> Iterator[PropagationStep]:
         try:
             for key in (span.below, span.above):
                 if key is not None:

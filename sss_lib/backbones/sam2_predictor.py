@@ -14,8 +14,9 @@ same for every slice and are therefore kept once per model instead of once per c
 * :meth:`~InMemoryVideoPredictor.sss_add_prompt` a key-slice prompt (XY points, XYXY box);
 * :meth:`~InMemoryVideoPredictor.sss_track_slice` one slice of one sweep for a subset of objects.
 
-Every method enters ``inference_mode`` and (on CUDA) bf16 autocast itself and leaves both before it
-returns, so a generator built on them never leaks either mode to its caller between ``yield``\\ s.
+Every method enters ``inference_mode`` (tracking: ``no_grad``, see :meth:`~InMemoryVideoPredictor.sss_track_slice`)
+and (on CUDA) bf16 autocast itself and leaves both before it returns, so a generator built on them
+never leaks either mode to its caller between ``yield``\\ s.
 """
 
 from __future__ import annotations
@@ -229,7 +230,9 @@ class InMemoryVideoPredictor(SAM2VideoPredictor):
             :data:`ABSENT_LOGIT`; object score logit, < 0 means SAM-2 sees no object).
         """
         masks, scores = [], []
-        with torch.inference_mode(), autocast_context(self.device):
+        # no_grad rather than inference_mode: autocast caches no casts in inference mode, and a run
+        # holding its casts (device.autocast_cache_held) saves a cast of every weight per slice.
+        with torch.no_grad(), autocast_context(self.device):
             for obj_id in obj_ids:
                 obj_idx = state["obj_id_to_idx"][obj_id]
                 obj_out = state["output_dict_per_obj"][obj_idx]
