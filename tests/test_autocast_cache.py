@@ -85,3 +85,22 @@ def test_a_span_propagates_the_same_with_fewer_casts(monkeypatch) -> None:
 def _autocast_level_is_left_at_zero():
     yield
     assert _nesting() == 0
+
+
+def test_a_training_step_never_sees_casts_of_earlier_weights() -> None:
+    from sss_lib.trainer.semisup_step import training_autocast
+
+    torch.manual_seed(1)
+    layer, x = torch.nn.Linear(8, 8), torch.randn(2, 8)
+    torch.autocast_increment_nesting()  # a hold that was never released (a leaked engine run)
+    try:
+        stale = _regions(layer, x, 1)  # caches the weight's bf16 cast
+        with torch.no_grad():
+            layer.weight.mul_(2.0)  # an optimizer step
+        assert torch.equal(_regions(layer, x, 1), stale)  # the cached cast hides the new weight
+        with training_autocast(torch.device("cpu")):
+            pass
+        assert not torch.equal(_regions(layer, x, 1), stale)  # the step began without cached casts
+    finally:
+        if torch.autocast_decrement_nesting() == 0:
+            torch.clear_autocast_cache()

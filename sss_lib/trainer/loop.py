@@ -272,6 +272,7 @@ class _Trainer:
         self.head.train()
         self.adapter.train(self.config.train_decoder)
         self.optimizer.zero_grad(set_to_none=True)
+        torch.clear_autocast_cache()  # no casts of earlier weights (see semisup_step.training_autocast)
         with autocast_context(self.adapter.device):
             head_loss = self._head_loss()
             decoder_loss, iou = self._decoder_loss() if self.config.train_decoder else (None, float("nan"))

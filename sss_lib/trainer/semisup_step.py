@@ -634,6 +634,9 @@ def training_autocast(device: torch.device) -> Any:
     CPU it ran on, and LiteMedSAM's training step gains little from it (measured: ~10%)."""
     import contextlib
 
+    # Casts cached by autocast belong to the weights as they were: a step starts without any, even
+    # if an engine run (validation) left its cast cache held (device.autocast_cache_held).
+    torch.clear_autocast_cache()
     if torch.device(device).type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
