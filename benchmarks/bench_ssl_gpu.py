@@ -7,6 +7,13 @@ steps per second of each phase, the peak GPU memory and whether every loss staye
 ``benchmarks/results/ssl_cuda.json``. About a minute on an H100 (`scripts/gpu_check.sh ssl`).
 
     python benchmarks/bench_ssl_gpu.py [--image-size 1024] [--iterations 40]
+    python benchmarks/bench_ssl_gpu.py --all-parts --name ssl_cuda_all_parts
+    python benchmarks/bench_ssl_gpu.py --supervised --memory-path --encoder-blocks 2 --encoder-lora-rank 4 \
+        --name ssl_cuda_supervised_encoder
+
+``--all-parts`` turns on every spec part semi-supervised training takes (SAM-2's memory path, weak
+views of labeled slices, DFE to the mask decoder); the encoder's last blocks train in supervised
+runs only. ``scripts/gpu_check.sh ssl`` runs all three.
 """
 
 from __future__ import annotations
