@@ -55,14 +55,13 @@ def test_weights_are_cast_once_while_held_and_recast_after() -> None:
     assert not torch.equal(before, after)
 
 
-def test_a_span_propagates_the_same_with_fewer_casts(monkeypatch) -> None:
-    from sss_lib.backbones.sam2_backbone import build_sam2_backbone
+def test_a_span_propagates_the_same_with_fewer_casts(sam2_to_span_edge, monkeypatch) -> None:
     from sss_lib.engine import SegmentationSession
     from sss_lib.prompts import ClassPrompts, PromptSet, SlicePrompt
     from sss_lib.volume import SliceAxis, Volume
 
     monkeypatch.setenv("SSS_CPU_BF16", "1")  # bf16 autocast on this CPU, as on a GPU
-    backbone = build_sam2_backbone("sam2.1_hiera_tiny", image_size=64, random_init=True, stop_after_empty=None)
+    backbone = sam2_to_span_edge
     voxels = np.random.default_rng(0).normal(0, 1, (8, 48, 48)).astype(np.float32)
     volume = Volume(voxels, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3), "noise")
     prompts = PromptSet(SliceAxis(2), [ClassPrompts(1, "a", [SlicePrompt(key_slice=0, box=(10, 10, 30, 30))])])

@@ -196,21 +196,17 @@ class Sam2Backbone(Backbone):
         state = self.model.sss_new_state(num_slices, height, width, embedding, forget_behind=True)
         # The span's weights are cast to bf16 once, not once per slice (under autocast).
         with autocast_cache_held():
-            yield from self._propagate_span(state, label, span, num_slices, height, width)
-
-    def _propagate_span(self, state: dict, label: int, span: Span, num_slices: int, height: int,
-                        width: int) -> Iterator[PropagationStep]:
-        try:
-            for key in (span.below, span.above):
-                if key is not None:
-                    box, pos, neg = _merge_prompts(label, list(key.prompts), (num_slices, height, width))[key.index]
-                    self.model.sss_add_prompt(state, key.index, label, box, pos, neg)
-            self.model.sss_finish_prompts(state)
-            yield from span_steps(label, span, lambda key, direction, stop, gate: self._run(
-                state, label, key.index + direction, stop, direction, gate))
-        finally:
-            # Drop the memory bank now, not when the generator object is collected.
-            state.clear()
+            try:
+                for key in (span.below, span.above):
+                    if key is not None:
+                        box, pos, neg = _merge_prompts(label, list(key.prompts), (num_slices, height, width))[key.index]
+                        self.model.sss_add_prompt(state, key.index, label, box, pos, neg)
+                self.model.sss_finish_prompts(state)
+                yield from span_steps(label, span, lambda key, direction, stop, gate: self._run(
+                    state, label, key.index + direction, stop, direction, gate))
+            finally:
+                # Drop the memory bank now, not when the generator object is collected.
+                state.clear()
 
     def _run(self, state: dict, label: int, start: int, stop: int, direction: int,
              gate: Gate) -> Iterator[tuple[int, np.ndarray | None]]:
