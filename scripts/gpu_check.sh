@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks, in one call (run on a lent GPU machine from the repo root):
-#   bash scripts/gpu_check.sh [engine] [ssl]
+#   bash scripts/gpu_check.sh [engine] [ssl] [ssl-memory]
 # The machine has torch but not sam2 & co.: they travel as wheels in .whl/ (see README, "GPU check").
 # Results are copied to $OUT (when set) and left in benchmarks/results/.
 set -uo pipefail
@@ -28,6 +28,9 @@ for part in "${parts[@]}"; do
       python3 benchmarks/bench_ssl_gpu.py --all-parts --name ssl_cuda_all_parts || status=1
       python3 benchmarks/bench_ssl_gpu.py --supervised --memory-path --encoder-blocks 2 --encoder-lora-rank 4 \
         --name ssl_cuda_supervised_encoder || status=1 ;;
+    ssl-memory)
+      # one short SSL run with every part, the memory-path pseudo-labels tracked through CUDA graphs
+      python3 benchmarks/bench_ssl_gpu.py --all-parts --name ssl_cuda_all_parts || status=1 ;;
     *) echo "unknown part $part"; status=1 ;;
   esac
 done

@@ -112,6 +112,14 @@ def cpu_has_native_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+def cuda_graphs_wanted(device: "torch.device") -> bool:
+    """Whether SAM-2 tracking on ``device`` should replay CUDA graphs: on CUDA devices, unless
+    ``SSS_CUDA_GRAPHS=0`` (for comparisons, or a driver where capture misbehaves)."""
+    if device.type != "cuda":
+        return False
+    return os.environ.get("SSS_CUDA_GRAPHS", "1").strip().lower() not in ("0", "false", "off")
+
+
 @contextlib.contextmanager
 def autocast_cache_held() -> Iterator[None]:
     """Keep autocast's cast weights between autocast regions while this is open (this thread).

@@ -286,6 +286,7 @@ def build_sam2_backbone(
     stop_after_empty: int | None = 2,
     encoder_runtime: str = "torch",
     half_embeddings: bool = False,
+    cuda_graphs: bool | None = None,
 ) -> Sam2Backbone:
     """Build a SAM-2.1 backbone from sam2's own config.
 
@@ -303,6 +304,8 @@ def build_sam2_backbone(
             :func:`~.encoder_runtime.build_encoder_runtime`): "torch" (default here), "auto",
             "openvino", "onnxruntime" or "openvino-bf16". The export is cached in the SSS cache.
         half_embeddings: store embeddings as float16 (see :class:`Sam2Backbone`).
+        cuda_graphs: replay each tracked slice's step from a CUDA graph (:mod:`.sam2_graphs`);
+            None: on CUDA devices unless ``SSS_CUDA_GRAPHS=0``. Only CUDA devices can.
 
     Raises:
         ValueError: unknown name or unusable image size. WeightsError: no checkpoint and not
@@ -322,9 +325,13 @@ def build_sam2_backbone(
             f"no checkpoint given for {name}; pass the .pt file (sss_lib.weights finds and downloads "
             "it) or random_init=True for an untrained test model"
         )
-    from ..device import resolve_device
+    from ..device import cuda_graphs_wanted, resolve_device
 
     torch_device = resolve_device(device)
+    if cuda_graphs is None:
+        cuda_graphs = cuda_graphs_wanted(torch_device)
+    elif cuda_graphs and torch_device.type != "cuda":
+        raise ValueError(f"cuda_graphs=True needs a CUDA device, got {torch_device}; leave it None")
 
     import torch
 
@@ -338,6 +345,10 @@ def build_sam2_backbone(
         model = _instantiate(SAM2_CONFIGS[name], size)
         sha = _load_checkpoint(model, Path(checkpoint))  # type: ignore[arg-type]
     model = model.to(torch_device).eval()
+    if cuda_graphs:
+        from .sam2_graphs import StepGraphs
+
+        model.sss_step_graphs = StepGraphs(capture=True)
     log.info("built %s at %d px on %s (weights %s)", name, size, torch_device, sha[:16])
     from .encoder_runtime import build_encoder_runtime
 

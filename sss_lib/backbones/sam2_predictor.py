@@ -14,6 +14,9 @@ same for every slice and are therefore kept once per model instead of once per c
 * :meth:`~InMemoryVideoPredictor.sss_add_prompt` a key-slice prompt (XY points, XYXY box);
 * :meth:`~InMemoryVideoPredictor.sss_track_slice` one slice of one sweep for a subset of objects.
 
+With :attr:`~InMemoryVideoPredictor.sss_step_graphs` set, a tracked slice's step runs through
+:mod:`.sam2_graphs` (CUDA graphs on a GPU) instead of SAM-2's ``track_step``, with the same results.
+
 Every method enters ``inference_mode`` (tracking: ``no_grad``, see :meth:`~InMemoryVideoPredictor.sss_track_slice`)
 and (on CUDA) bf16 autocast itself and leaves both before it returns, so a generator built on them
 never leaks either mode to its caller between ``yield``\\ s.
@@ -32,6 +35,7 @@ from sam2.sam2_video_predictor import SAM2VideoPredictor
 
 from ..device import autocast_context
 from .base import ABSENT_LOGIT
+from .sam2_graphs import StepGraphs, gather_memory, track_core
 from .sam2_backbone import Sam2Embedding
 
 log = logging.getLogger(__name__)
@@ -83,6 +87,8 @@ class InMemoryVideoPredictor(SAM2VideoPredictor):
         super().__init__(*args, **kwargs)
         # (shape, dtype, device) -> (1, C, h, w) positional encoding, shared by every slice.
         self._sss_pos_cache: dict[tuple, torch.Tensor] = {}
+        #: runs the step of a tracked slice (CUDA graphs on a GPU); None: SAM-2's own track_step.
+        self.sss_step_graphs: StepGraphs | None = None
 
     # -- features ---------------------------------------------------------------------------------
     def sss_preprocess(self, image: np.ndarray) -> torch.Tensor:
@@ -160,6 +166,8 @@ class InMemoryVideoPredictor(SAM2VideoPredictor):
         the state holds a few slices' memories (~0.8 MB each at 1024 px) instead of every slice's.
         Leave it off where the state is read afterwards at slices already passed.
         """
+        if self.sss_step_graphs is not None:
+            self.sss_step_graphs.bind([*self.parameters(), *self.buffers()])
         return {
             _FEATURES: _FrameFeatures(lookup, self),
             _FORGET: bool(forget_behind),
@@ -262,6 +270,45 @@ class InMemoryVideoPredictor(SAM2VideoPredictor):
             logits = logits[:, 0].clamp_min(ABSENT_LOGIT).cpu().numpy()
             score_list = torch.cat(scores).cpu().tolist()
         return {obj_id: (logits[i], score_list[i]) for i, obj_id in enumerate(obj_ids)}
+
+    def track_step(self, frame_idx: int, is_init_cond_frame: bool, current_vision_feats: list,
+                   current_vision_pos_embeds: list, feat_sizes: list, point_inputs: dict | None,
+                   mask_inputs: torch.Tensor | None, output_dict: dict, num_frames: int,
+                   track_in_reverse: bool = False, run_mem_encoder: bool = True,
+                   prev_sam_mask_logits: torch.Tensor | None = None) -> dict:
+        """SAM-2's ``track_step``; a tracked slice goes through :attr:`sss_step_graphs` when set.
+
+        A tracked slice is one without prompts of its own, that is not a key slice, and whose new
+        memory is encoded; everything else (key slices, training) takes SAM-2's path.
+        """
+        graphs = self.sss_step_graphs
+        if (graphs is None or self.training or is_init_cond_frame or point_inputs is not None
+                or mask_inputs is not None or prev_sam_mask_logits is not None or not run_mem_encoder
+                or self.num_maskmem == 0):
+            return super().track_step(
+                frame_idx, is_init_cond_frame, current_vision_feats, current_vision_pos_embeds, feat_sizes,
+                point_inputs, mask_inputs, output_dict, num_frames, track_in_reverse, run_mem_encoder,
+                prev_sam_mask_logits)
+        gathered = gather_memory(self, frame_idx, current_vision_feats, current_vision_pos_embeds, feat_sizes,
+                                 output_dict, num_frames, track_in_reverse)
+        sizes = tuple((int(h), int(w)) for h, w in feat_sizes)
+        multimask = self._use_multimask(False, None)
+        outputs = graphs.run(
+            lambda *t: track_core(self, sizes, gathered.num_obj_ptr_tokens, multimask, *t),
+            (sizes, gathered.num_obj_ptr_tokens, multimask),
+            [*current_vision_feats, current_vision_pos_embeds[-1], gathered.memory, gathered.memory_pos])
+        low_res, obj_ptr, score, maskmem, *maskmem_pos = outputs
+        return {
+            "point_inputs": None,
+            "mask_inputs": None,
+            "pred_masks": low_res,
+            # only the memory encoder reads it, inside the step
+            "pred_masks_high_res": None,
+            "obj_ptr": obj_ptr,
+            "object_score_logits": score,
+            "maskmem_features": maskmem,
+            "maskmem_pos_enc": maskmem_pos,
+        }
 
     def sss_memory_reach(self) -> int:
         """How far behind the current slice SAM-2's memory attention reads tracked slices: the last
