@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks, in one call (run on a lent GPU machine from the repo root):
-#   bash scripts/gpu_check.sh [engine] [ssl] [ssl-memory]
+#   bash scripts/gpu_check.sh [engine] [engine-warmup] [ssl] [ssl-memory]
 # The machine has torch but not sam2 & co.: they travel as wheels in .whl/ (see README, "GPU check").
 # Results are copied to $OUT (when set) and left in benchmarks/results/.
 set -uo pipefail
@@ -21,6 +21,10 @@ python3 -m pytest -q -p no:cacheprovider tests/test_device.py || status=1
 for part in "${parts[@]}"; do
   case "$part" in
     engine) python3 benchmarks/bench_engine.py --device cuda --configs tiny512,tiny1024,large1024 || status=1 ;;
+    engine-warmup)
+      # each process first runs what `serve --preload` runs (CUDA start-up, graph captures)
+      python3 benchmarks/bench_engine.py --device cuda --configs tiny512,tiny1024,large1024 --warm-up \
+        --name engine_cuda_warmup || status=1 ;;
     ssl)
       # today's defaults; every part semi-supervised training takes (memory path, weak views, DFE to
       # the decoder); supervised with the memory path and the encoder's last blocks (LoRA)

@@ -45,3 +45,35 @@ def test_a_broken_backbone_fails_in_the_warm_up(sam2_to_span_edge, monkeypatch) 
 def test_warm_up_needs_a_slice(sam2_to_span_edge) -> None:
     with pytest.raises(ValueError, match="at least one slice"):
         warm_up(sam2_to_span_edge, slices=0)
+
+
+def test_where_cuda_graphs_replay_the_warm_up_meets_every_memory_shape_of_a_run(sam2_to_span_edge, monkeypatch) -> None:
+    import types
+
+    from sss_lib.backbones import sam2_graphs
+    from sss_lib.backbones.sam2_graphs import StepGraphs
+    from sss_lib.backbones.warmup import warm_up_slices
+
+    model = sam2_to_span_edge.model
+    assert warm_up_slices(sam2_to_span_edge) == 3  # no graphs on the CPU
+    monkeypatch.setattr(model, "sss_step_graphs", types.SimpleNamespace(capture=True))
+    slices = warm_up_slices(sam2_to_span_edge)
+    assert slices == model.sss_memory_reach() + 2 == 18
+
+    # The same run through the graph path (eager here): the memory shapes it meets are those a
+    # GPU captures, from one object pointer and one memory up to the steady 16 and 7.
+    seen = set()
+    core = sam2_graphs.track_core
+
+    def spying(model_, sizes, n_ptr, multimask, *tensors):
+        seen.add((n_ptr, tensors[-2].shape[0]))
+        return core(model_, sizes, n_ptr, multimask, *tensors)
+
+    monkeypatch.setattr("sss_lib.backbones.sam2_predictor.track_core", spying)
+    monkeypatch.setattr(model, "sss_step_graphs", StepGraphs(capture=False))
+    warm_up(sam2_to_span_edge, slices=slices)
+    tokens_per_memory = (64 // 16) ** 2  # a 64 px model's memory is 4 x 4
+    pointer_tokens = sorted(n for n, _ in seen)
+    assert pointer_tokens[0] == 4 and pointer_tokens[-1] == 16 * 4
+    memories = sorted((m - n) // tokens_per_memory for n, m in seen)
+    assert memories[0] == 1 and memories[-1] == 7
