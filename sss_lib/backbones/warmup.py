@@ -2,7 +2,7 @@
 
 A backbone's first run in a process pays costs that later runs do not: on a GPU, CUDA's start-up
 (context, library handles, loading each kernel on first use: 4.8-12.8 s against 2.5-3.1 s for the
-same run in a warm process, H200, ``benchmarks/results/engine_cuda.json``); on a CPU, loading or
+same run in a warm process, H200, ``benchmarks/results/engine_cuda_7132eec.json``); on a CPU, loading or
 compiling the exported encoder (:mod:`.encoder_runtime`). :func:`warm_up` pays them on a small
 synthetic stack (a bright disc on every slice, one box on slice 1), through the same engine path a
 user's run takes: embedding, the key slice's decode, and propagation both ways.
