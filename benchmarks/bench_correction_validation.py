@@ -122,7 +122,7 @@ def with_span_rule(backbone, rule: str):
     """A shallow copy of a LiteMedSAM backbone whose spans are resolved by ``rule`` (same network,
     same embeddings' cache key)."""
     from sss_lib.backbones.base import PropagationStep
-    from sss_lib.backbones.litemedsam_propagate import carry_run
+    from sss_lib.backbones.litemedsam_propagate import carry_run, interpolated_boxes, interpolated_run
     from sss_lib.backbones.spans import Gate, resolve_span, run_stop
 
     class RuleBackbone(type(backbone)):  # type: ignore[misc]
@@ -136,7 +136,9 @@ def with_span_rule(backbone, rule: str):
             # run_stop: "blend_agree" lets each run decode the far key slice too (to weigh it)
             forward = run(span.below, +1, run_stop(span, +1, rule)) if span.below is not None else None
             backward = run(span.above, -1, run_stop(span, -1, rule)) if span.above is not None else None
-            for s, logits in resolve_span(span, forward, backward, gates, rule=rule):
+            boxes = interpolated_boxes(span) if rule.startswith("interp") else None
+            interpolated = interpolated_run(self.decode, embedding, boxes) if boxes else None
+            for s, logits in resolve_span(span, forward, backward, gates, rule=rule, interpolated=interpolated):
                 yield PropagationStep(s, {label: logits})
 
     clone = copy.copy(backbone)

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..prompts import SlicePrompt
 from .base import EmbeddingLookup
-from .spans import Gate, KeySlice, Run
+from .spans import Gate, KeySlice, Run, Span
 from .litemedsam_stop import StopRule, observe
 
 log = logging.getLogger(__name__)
@@ -117,3 +117,25 @@ def carry_run(
             return
         yield s, cur.logits
         prev_mask, prev_obs = mask, obs
+
+
+def interpolated_boxes(span: "Span") -> dict[int, tuple[float, float, float, float]] | None:
+    """XYXY boxes for the slices of ``span`` interpolated linearly between its two key slices' boxes
+    (MedSAM's own recipe between annotated slices), or None where that does not apply: a span
+    without a key slice on both sides, or a key slice whose prompt is not a single box."""
+    if span.below is None or span.above is None:
+        return None
+    ends = []
+    for key in (span.below, span.above):
+        if len(key.prompts) != 1 or key.prompts[0].box is None:
+            return None
+        ends.append(np.asarray(key.prompts[0].box, dtype=np.float64))
+    a, b = span.below.index, span.above.index
+    return {s: tuple(float(v) for v in ends[0] + (ends[1] - ends[0]) * (s - a) / (b - a)) for s in span.slices()}
+
+
+def interpolated_run(decode: Decoder, embedding: EmbeddingLookup,
+                     boxes: dict[int, tuple[float, float, float, float]]) -> Run:
+    """Each slice decoded from its interpolated box (:func:`interpolated_boxes`), in slice order."""
+    for s in sorted(boxes):
+        yield s, decode(embedding(s), boxes[s], [], []).logits

@@ -161,11 +161,11 @@ class Gate:
             yield s, None
 
 
-SpanRule = Literal["blend", "nearest", "blend_prob", "blend_agree"]
+SpanRule = Literal["blend", "nearest", "blend_prob", "blend_agree", "interp_box", "interp_blend"]
 #: The rule :func:`resolve_span` uses unless told otherwise (see the module docstring; chosen on
 #: held-out cases by ``benchmarks/bench_correction_validation.py``).
 DEFAULT_SPAN_RULE: SpanRule = "blend"
-SPAN_RULES: tuple[str, ...] = ("blend", "nearest", "blend_prob", "blend_agree")
+SPAN_RULES: tuple[str, ...] = ("blend", "nearest", "blend_prob", "blend_agree", "interp_box", "interp_blend")
 #: ``"blend_agree"``: the least agreement factor a run gets (so no run is ever weighted zero).
 AGREE_FLOOR = 0.05
 
@@ -184,7 +184,7 @@ def run_stop(span: Span, direction: int, rule: str = DEFAULT_SPAN_RULE) -> int:
 
 def resolve_span(span: Span, forward: Run | None, backward: Run | None,
                  gates: dict[int, Gate] | None = None,
-                 rule: str = DEFAULT_SPAN_RULE) -> Iterator[tuple[int, np.ndarray]]:
+                 rule: str = DEFAULT_SPAN_RULE, interpolated: Run | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """The span's result from its two runs (module docstring).
 
     ``forward`` starts at ``span.lo`` going up (None without a key below), ``backward`` at
@@ -204,6 +204,11 @@ def resolve_span(span: Span, forward: Run | None, backward: Run | None,
       :func:`run_stop` (one slice past the span, onto the far key slice); that slice's decode is
       only compared, never yielded. A run that ended before the far key slice counts as empty there.
       The key slices' ``logits`` must be set (they are whenever a span is propagated).
+    * ``"interp_box"`` (2D backbones): where ``interpolated`` is given (a run over every slice of a
+      span with key boxes on both sides, decoded from boxes interpolated between them), the span is
+      that run; elsewhere ``"blend"``.
+    * ``"interp_blend"``: as ``"interp_box"``, but each slice takes the mean of the interpolated
+      decode's logits and the ``"blend"`` result (a slice no run reached: the interpolated decode).
 
     Yields each slice of the span at most once, each as ``(slice, (H, W) float32 logits)``.
     """
@@ -212,7 +217,16 @@ def resolve_span(span: Span, forward: Run | None, backward: Run | None,
     gates = gates or {}
     runs = {+1: forward, -1: backward}
     try:
-        if rule == "nearest":
+        if rule == "interp_box" and interpolated is not None:
+            for gate in gates.values():
+                gate.allow = lambda s: False  # the carried runs decode nothing
+            yield from interpolated
+        elif rule == "interp_blend" and interpolated is not None:
+            blended = dict(_blend(span, runs, gates, probabilities=False))
+            for s, logits in interpolated:
+                other = blended.get(s)
+                yield s, logits if other is None else _mix(logits, other, 0.5, False)
+        elif rule == "nearest":
             yield from _resolve(span, runs, gates)
         elif rule == "blend_agree" and forward is not None and backward is not None:
             yield from _blend_agree(span, runs, gates)
