@@ -5,6 +5,7 @@
 # Results are copied to $OUT (when set) and left in benchmarks/results/.
 set -uo pipefail
 parts=("${@:-engine}")
+configs="${SSS_GPU_CONFIGS:-tiny512,tiny1024,large1024}"  # the engine parts' models
 export PYTHONUNBUFFERED=1 SSS_HOME=/tmp/sss_home
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -20,10 +21,10 @@ started=$(mktemp)
 python3 -m pytest -q -p no:cacheprovider tests/test_device.py || status=1
 for part in "${parts[@]}"; do
   case "$part" in
-    engine) python3 benchmarks/bench_engine.py --device cuda --configs tiny512,tiny1024,large1024 || status=1 ;;
+    engine) python3 benchmarks/bench_engine.py --device cuda --configs "$configs" || status=1 ;;
     engine-warmup)
       # each process first runs what `serve --preload` runs (CUDA start-up, graph captures)
-      python3 benchmarks/bench_engine.py --device cuda --configs tiny512,tiny1024,large1024 --warm-up \
+      python3 benchmarks/bench_engine.py --device cuda --configs "$configs" --warm-up \
         --name engine_cuda_warmup || status=1 ;;
     ssl)
       # today's defaults; every part semi-supervised training takes (memory path, weak views, DFE to

@@ -88,3 +88,17 @@ def test_cuda_graphs_are_refused_without_cuda():
         StepGraphs(capture=True)
     with pytest.raises(ValueError, match="needs a CUDA device"):
         build_sam2_backbone("sam2.1_hiera_tiny", image_size=64, random_init=True, cuda_graphs=True)
+
+
+def test_graphs_share_an_input_buffer_per_argument_and_shape_never_within_one_call():
+    graphs = StepGraphs(capture=False)
+    feats, memory, memory_pos = torch.zeros(16, 1, 8), torch.zeros(20, 1, 4), torch.zeros(20, 1, 4)
+    a = [graphs.input_buffer(i, x) for i, x in enumerate((feats, memory, memory_pos))]
+    assert a[1] is not a[2]  # same shape, different arguments: two buffers
+    # a later graph with a longer memory shares the features' buffer and gets its own memory buffers
+    longer = torch.zeros(24, 1, 4)
+    b = [graphs.input_buffer(i, x) for i, x in enumerate((feats, longer, longer))]
+    assert b[0] is a[0] and b[1] is not a[1] and b[1].shape == (24, 1, 4)
+    assert graphs.input_buffer(1, memory) is a[1]
+    graphs.clear()
+    assert graphs.input_buffer(0, feats) is not a[0]

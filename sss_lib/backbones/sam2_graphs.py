@@ -33,8 +33,8 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-#: captured graphs kept per model; a span reaches its steady memory shape after ~16 slices, so a
-#: volume needs a few dozen.
+#: captured graphs kept per model (the oldest is dropped beyond); a run from one key slice meets 16
+#: memory shapes, a span between two key slices as many again, and a short volume its own.
 MAX_GRAPHS = 96
 
 
@@ -146,6 +146,8 @@ class StepGraphs:
     """
 
     def __init__(self, *, capture: bool, max_graphs: int = MAX_GRAPHS) -> None:
+        if max_graphs < 1:
+            raise ValueError(f"max_graphs must be at least 1, got {max_graphs}")
         if capture and not torch.cuda.is_available():
             raise ValueError("CUDA graphs need CUDA; use capture=False elsewhere")
         self.capture = bool(capture)
@@ -155,6 +157,10 @@ class StepGraphs:
         self.captures = 0
         self.eager_runs = 0
         self._graphs: dict[Hashable, _Captured] = {}
+        # (argument position, shape, strides, dtype, device) -> the input buffer every graph with
+        # such an argument reads: replays are sequential and each copies its inputs in first, so the
+        # graphs share them (the current slice's features are alike for all, ~8 MB each at 1024 px).
+        self._buffers: dict[Hashable, torch.Tensor] = {}
         self._weights: tuple[torch.Tensor, ...] = ()
         self._pool: Any = None
 
@@ -178,7 +184,16 @@ class StepGraphs:
     def clear(self) -> None:
         """Drop every captured graph (and the memory it holds)."""
         self._graphs.clear()
+        self._buffers.clear()
         self._pool = None
+
+    def input_buffer(self, position: int, value: torch.Tensor) -> torch.Tensor:
+        """The static buffer of argument ``position`` for tensors like ``value`` (shared by graphs)."""
+        key = (position, tuple(value.shape), value.stride(), value.dtype, value.device)
+        buffer = self._buffers.get(key)
+        if buffer is None:
+            buffer = self._buffers[key] = torch.empty_like(value)
+        return buffer
 
     def run(self, step: Callable[..., tuple[torch.Tensor, ...]], static_key: Hashable,
             inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -200,13 +215,14 @@ class StepGraphs:
             return tuple(out.clone() for out in captured.outputs)
         outputs = step(*inputs)
         self.eager_runs += 1
-        if len(self._graphs) < self.max_graphs:
-            self._capture(step, key, inputs)
+        while len(self._graphs) >= self.max_graphs:  # the oldest goes (volumes of many lengths)
+            del self._graphs[next(iter(self._graphs))]
+        self._capture(step, key, inputs)
         return outputs
 
     def _capture(self, step: Callable[..., tuple[torch.Tensor, ...]], key: Hashable,
                  inputs: tuple[torch.Tensor, ...]) -> None:
-        buffers = tuple(torch.empty_like(x).copy_(x) for x in inputs)
+        buffers = tuple(self.input_buffer(i, x).copy_(x) for i, x in enumerate(inputs))
         autocast_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
         try:
             # Lazy initialisation (cuBLAS workspaces, kernel choice) must not happen during capture.
