@@ -242,7 +242,8 @@ def _eager_comparison(session, volume, label, timed_run) -> dict:
 
 def _profile_rerun(session, prompts) -> dict:
     """Where a one-class re-run's time goes on a GPU: wall time, time inside SAM-2's per-slice
-    tracking (its Python, the kernel launches and the wait for the slice's result), the GPU's
+    tracking calls (its Python and the kernel launches; since 2026-12-04 the wait for a slice's
+    result is outside them, as each slice is queued before the previous one is read), the GPU's
     kernel time, and kernel launches per slice. A re-run whose kernel time is a small part of its
     wall time is bound by the host (Python and launches), not by the GPU."""
     import torch
@@ -250,7 +251,7 @@ def _profile_rerun(session, prompts) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     model = session.backbone.model
-    own = model.sss_track_slice
+    own = model.sss_track_slice_async  # queues a slice's work (its result is read later)
     tracked = {"calls": 0, "seconds": 0.0}
 
     def timed_track(*a, **k):
@@ -261,7 +262,7 @@ def _profile_rerun(session, prompts) -> dict:
             tracked["calls"] += 1
             tracked["seconds"] += time.perf_counter() - t0
 
-    model.sss_track_slice = timed_track
+    model.sss_track_slice_async = timed_track
     try:
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
         with profile(activities=activities) as prof:
@@ -271,7 +272,7 @@ def _profile_rerun(session, prompts) -> dict:
                 torch.cuda.synchronize()
             wall = time.perf_counter() - t0
     finally:
-        del model.sss_track_slice
+        del model.sss_track_slice_async
     events = prof.key_averages()
 
     def device_us(e) -> float:

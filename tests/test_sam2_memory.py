@@ -93,13 +93,17 @@ def test_the_sweeps_end_where_the_engines_run_ends(sam2_to_span_edge, stack, mon
     vol, embs = stack
     backbone = sam2_to_span_edge
     prompt = SlicePrompt(1, (12, 10, 35, 29), [(24, 20)], [], source="auto")
-    real = backbone.model.sss_track_slice
+    real = backbone.model.sss_track_slice_async
 
     def empty_at_4(state, s, ids, reverse):  # noqa: ANN001, ANN202
-        out = real(state, s, ids, reverse)
-        return {k: (np.full_like(v[0], -5.0), v[1]) for k, v in out.items()} if s == 4 else out
+        tracked = real(state, s, ids, reverse)
+        if s != 4:
+            return tracked
+        out = tracked.result()
+        return types.SimpleNamespace(result=lambda: {k: (np.full_like(v[0], -5.0), v[1]) for k, v in out.items()})
 
-    monkeypatch.setattr(backbone.model, "sss_track_slice", empty_at_4)
+    # the engine's runs and the sweeps both go through it
+    monkeypatch.setattr(backbone.model, "sss_track_slice_async", empty_at_4)
     monkeypatch.setattr(backbone, "stop_after_empty", 1)
     engine = {st.slice_index for st in backbone.propagate(vol, embs.__getitem__, {1: [prompt]})}
     assert engine == {0, 1, 2, 3, 4}, "the engine's run ends at the empty slice"

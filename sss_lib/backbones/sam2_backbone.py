@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Generator, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -211,18 +211,43 @@ class Sam2Backbone(Backbone):
     def _run(self, state: dict, label: int, start: int, stop: int, direction: int,
              gate: Gate) -> Iterator[tuple[int, np.ndarray | None]]:
         """Track ``label`` from ``start`` towards ``stop`` (exclusive) until it has ended, asking
-        ``gate`` before each slice."""
+        ``gate`` before each slice.
+
+        Each slice is handed to SAM-2 before the previous slice's result is read, so on a GPU the
+        host's work on one slice (reading it, SAM-2's bookkeeping, queueing the next) overlaps the
+        GPU's work on the next. Where the run ends, the one slice queued past it is dropped unread; a
+        gate that holds the run gets the slice already computed first.
+        """
+        pending: tuple[int, Any] | None = None
         empty_run = 0
         for s in range(start, stop, direction):
+            if pending is not None and not gate.allow(s):
+                ended, empty_run = yield from self._settle(label, *pending, empty_run)
+                pending = None
+                if ended:
+                    return
             yield from gate.wait(s)
-            logits, score = self.model.sss_track_slice(state, s, [label], direction < 0)[label]
-            yield s, logits
-            if self.stop_after_empty is None:
-                continue
-            empty_run = empty_run + 1 if (score < 0 or not (logits > 0).any()) else 0
-            if empty_run >= self.stop_after_empty:
-                log.debug("object %d ended at slice %d (going %+d)", label, s, direction)
-                return
+            tracked = self.model.sss_track_slice_async(state, s, [label], direction < 0)
+            if pending is not None:
+                ended, empty_run = yield from self._settle(label, *pending, empty_run)
+                if ended:
+                    return
+            pending = (s, tracked)
+        if pending is not None:
+            yield from self._settle(label, *pending, empty_run)
+
+    def _settle(self, label: int, s: int, tracked: Any,
+                empty_run: int) -> Generator[tuple[int, np.ndarray], None, tuple[bool, int]]:
+        """Yield slice ``s``'s result; returns (whether the object has ended there, the empty run)."""
+        logits, score = tracked.result()[label]
+        yield s, logits
+        if self.stop_after_empty is None:
+            return False, 0
+        empty_run = empty_run + 1 if (score < 0 or not (logits > 0).any()) else 0
+        if empty_run >= self.stop_after_empty:
+            log.debug("object %d ended at slice %d", label, s)
+            return True, empty_run
+        return False, empty_run
 
 
 def _to_half(emb: Sam2Embedding) -> Sam2Embedding:

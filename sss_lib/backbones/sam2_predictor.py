@@ -228,7 +228,7 @@ class InMemoryVideoPredictor(SAM2VideoPredictor):
     def sss_track_slice(
         self, state: dict, slice_index: int, obj_ids: Sequence[int], reverse: bool
     ) -> dict[int, tuple[np.ndarray, float]]:
-        """Track ``obj_ids`` onto ``slice_index`` in one sweep direction.
+        """Track ``obj_ids`` onto ``slice_index`` in one sweep direction and wait for the result.
 
         This is the per-slice body of SAM-2's ``propagate_in_video`` restricted to the given objects,
         so objects that have ended cost nothing. Key slices return their prompted output.
@@ -237,6 +237,14 @@ class InMemoryVideoPredictor(SAM2VideoPredictor):
             obj_id -> (logits ``(H, W)`` float32 at slice resolution, clamped below at
             :data:`ABSENT_LOGIT`; object score logit, < 0 means SAM-2 sees no object).
         """
+        return self.sss_track_slice_async(state, slice_index, obj_ids, reverse).result()
+
+    def sss_track_slice_async(
+        self, state: dict, slice_index: int, obj_ids: Sequence[int], reverse: bool
+    ) -> "TrackedSlice":
+        """:meth:`sss_track_slice` without waiting: on a GPU the work and the copy of its results to
+        the host are queued and this returns at once, so the caller can queue the next slice before
+        it reads this one's :meth:`TrackedSlice.result`."""
         masks, scores = [], []
         # no_grad rather than inference_mode: autocast caches no casts in inference mode, and a run
         # holding its casts (device.autocast_cache_held) saves a cast of every weight per slice.
@@ -267,9 +275,7 @@ class InMemoryVideoPredictor(SAM2VideoPredictor):
                 scores.append(out["object_score_logits"].reshape(-1)[:1].float())
             size = (state["video_height"], state["video_width"])
             logits = F.interpolate(torch.cat(masks), size=size, mode="bilinear", align_corners=False)
-            logits = logits[:, 0].clamp_min(ABSENT_LOGIT).cpu().numpy()
-            score_list = torch.cat(scores).cpu().tolist()
-        return {obj_id: (logits[i], score_list[i]) for i, obj_id in enumerate(obj_ids)}
+            return TrackedSlice(list(obj_ids), logits[:, 0].clamp_min(ABSENT_LOGIT), torch.cat(scores))
 
     def track_step(self, frame_idx: int, is_init_cond_frame: bool, current_vision_feats: list,
                    current_vision_pos_embeds: list, feat_sizes: list, point_inputs: dict | None,
@@ -324,3 +330,31 @@ class InMemoryVideoPredictor(SAM2VideoPredictor):
         for s in behind:
             del outputs[s]
 
+
+class TrackedSlice:
+    """One tracked slice's results on their way to the host (:meth:`InMemoryVideoPredictor.sss_track_slice_async`).
+
+    On a GPU the copy goes to page-locked memory without blocking, and an event marks its end;
+    :meth:`result` waits for that event only.
+    """
+
+    def __init__(self, obj_ids: list[int], logits: torch.Tensor, scores: torch.Tensor) -> None:
+        self.obj_ids = obj_ids
+        if logits.is_cuda:
+            self._logits = torch.empty(logits.shape, dtype=logits.dtype, pin_memory=True)
+            self._scores = torch.empty(scores.shape, dtype=scores.dtype, pin_memory=True)
+            self._logits.copy_(logits, non_blocking=True)
+            self._scores.copy_(scores, non_blocking=True)
+            self._copied: torch.cuda.Event | None = torch.cuda.Event()
+            self._copied.record()
+        else:
+            self._logits, self._scores, self._copied = logits, scores, None
+
+    def result(self) -> dict[int, tuple[np.ndarray, float]]:
+        """obj_id -> (``(H, W)`` float32 logits, object score logit); see :meth:`~InMemoryVideoPredictor.sss_track_slice`."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        # a copy: the page-locked buffer goes back to torch's pool, not to the caller
+        logits = self._logits.numpy().copy()
+        scores = self._scores.tolist()
+        return {obj_id: (logits[i], scores[i]) for i, obj_id in enumerate(self.obj_ids)}
