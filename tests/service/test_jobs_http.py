@@ -80,7 +80,10 @@ def wait_for(predicate, timeout: float = 240.0, what: str = "condition"):
 
 def train_cli(svc: LocalService, *args: str, cwd: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "sss_lib", "train", "--server", svc.url, "--token-file", str(svc.token_file), *args]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=cwd)
+    # SIGINT back to its default in the CLI: a test suite started in the background by a shell
+    # (`cmd &`) ignores SIGINT and its children would inherit that, so Ctrl-C could not reach them.
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=cwd,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def records(stdout: str) -> list:
@@ -139,8 +142,6 @@ def test_train_server_uploads_queues_and_downloads_the_model(service, data, tmp_
 def test_ctrl_c_stops_the_job_and_resume_finishes_it(service, data, tmp_path):
     svc, _ = service
     client = svc.client()
-    # Long enough that the stop lands mid-run even when the CLI sees step 2 late (a full suite's run
-    # once saw the job finish its 14 steps first).
     steps = 40
     cli = train_cli(svc, "--labeled", "server:Dataset001_Lab", "--iterations", str(steps), *CLI_OPTIONS, cwd=tmp_path)
     lines = []
