@@ -1,21 +1,24 @@
 """Probe: LiteMedSAM's image encoder quantised to int8 (NNCF post-training quantisation, OpenVINO).
 
 The encoder target of issue 11 (>= 4x torch fp32, <= 0.3 s per slice, Dice within 0.005 per bundled
-case) is not met by the fp32 runtimes on an AVX2 CPU without bf16 (OpenVINO fp32 2.5-2.9x): the
-encoder is about 75 GFLOP per slice and fp32 runs near the two cores' peak. int8 is the remaining
-lever on such a CPU; this measures whether it pays. Not a library runtime: it is only built if
-this probe shows it keeps Dice and gains speed.
+case) is not met by the fp32 runtimes (OpenVINO fp32 2.1-2.9x): the encoder is about 75 GFLOP per
+slice, and 0.3 s needs 250 GFLOP/s, above two cores' fp32 peak. int8 is the remaining lever; on a
+CPU with AVX512-VNNI (int8 dot products) it can also be fast. This measures whether it pays. Not a
+library runtime: it is only built if this probe shows it keeps Dice and gains speed.
 
 Rows, side by side in one process, on the same lung1 slices (turns taken, median ms per slice):
 torch fp32, OpenVINO fp32 (the cached export, as ``auto`` runs it), OpenVINO int8 (NNCF
 ``quantize`` with the transformer preset, calibrated on slices that are **not** the cases scored:
-hard cardiac phantoms and the Colin27 template crop). Each row's features are compared with torch's
+hard cardiac phantoms and the Colin27 template crop), and with ``--keep-fp32 STAGE ...`` one more
+int8 row per stage whose matrix products and convolutions stay fp32 (a stage is a name prefix of the
+exported graph, e.g. ``layers.0``: which part of the encoder the int8 error comes from). Each row's features are compared with torch's
 (relative L2) and each row segments both bundled cases from the demo's box (3D Dice, change from
 torch). Needs ``pip install nncf`` (not a dependency of SSS).
 
-    python benchmarks/bench_encoder_int8.py [--rounds 6] [--calibration 38]
+    python benchmarks/bench_encoder_int8.py [--rounds 6] [--calibration 38] [--keep-fp32 layers.0 ...]
+        [--name encoder_int8_cpu]
 
-Writes ``results/encoder_int8_cpu.json`` and prints a markdown table.
+Writes ``results/NAME.json`` (with the CPU's int8/bf16 instruction sets) and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -64,7 +67,16 @@ def _calibration_inputs(backbone, count: int) -> list[np.ndarray]:
     return captured
 
 
-def _int8_runtime(onnx_path: Path, calibration: list[np.ndarray], threads: int):
+def _stage_ops(model, stage: str) -> list[str]:
+    """The matrix products and convolutions of the exported graph under ``/STAGE/``."""
+    ops = [op.get_friendly_name() for op in model.get_ops()
+           if op.get_type_name() in ("MatMul", "Convolution", "GroupConvolution") and f"/{stage}/" in op.get_friendly_name()]
+    if not ops:
+        raise SystemExit(f"--keep-fp32 {stage}: no matrix product or convolution under '/{stage}/' in the export")
+    return ops
+
+
+def _int8_runtime(onnx_path: Path, calibration: list[np.ndarray], threads: int, keep_fp32: str | None = None):
     import nncf
     import openvino as ov
 
@@ -72,9 +84,13 @@ def _int8_runtime(onnx_path: Path, calibration: list[np.ndarray], threads: int):
 
     core = ov.Core()
     t0 = time.perf_counter()
-    quantised = nncf.quantize(core.read_model(str(onnx_path)), nncf.Dataset(calibration),
+    model = core.read_model(str(onnx_path))
+    extra = {}
+    if keep_fp32:
+        extra["ignored_scope"] = nncf.IgnoredScope(names=_stage_ops(model, keep_fp32), validate=False)
+    quantised = nncf.quantize(model, nncf.Dataset(calibration),
                               preset=nncf.QuantizationPreset.MIXED, model_type=nncf.ModelType.TRANSFORMER,
-                              subset_size=len(calibration))
+                              subset_size=len(calibration), **extra)
     quantise_s = time.perf_counter() - t0
     compiled = core.compile_model(quantised, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
                                                      "INFERENCE_NUM_THREADS": threads})
@@ -88,10 +104,23 @@ def _int8_runtime(onnx_path: Path, calibration: list[np.ndarray], threads: int):
     return EncoderRuntime("openvino-int8", run, check, "i8"), quantise_s
 
 
+def _cpu_instructions() -> list[str]:
+    """The CPU's int8 and bf16 instruction sets, from /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    wanted = ("avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16", "avx2")
+    return [f for f in flags.split(":", 1)[1].split() if f in wanted]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=6, help="slices timed per runtime (default 6)")
     ap.add_argument("--calibration", type=int, default=38, help="calibration slices (default 38)")
+    ap.add_argument("--keep-fp32", nargs="*", default=[], metavar="STAGE",
+                    help="one more int8 row per stage kept in fp32 (e.g. layers.0)")
+    ap.add_argument("--name", default="encoder_int8_cpu", help="results file name (default encoder_int8_cpu)")
     args = ap.parse_args()
 
     import torch
@@ -114,9 +143,12 @@ def main() -> None:
     folder = er._export_folder(torch_model.net.image_encoder, "litemedsam", torch_model.weights_sha256,
                                IMAGE_SIZE, None)
     calibration = _calibration_inputs(torch_model, args.calibration)
-    int8, quantise_s = _int8_runtime(folder / "model.onnx", calibration, threads)
-    models["openvino-int8"] = build_litemedsam_backbone(device="cpu", encoder_runtime="torch")
-    models["openvino-int8"].encoder = int8
+    quantise_s = {}
+    for stage in [None, *args.keep_fp32]:
+        name = "openvino-int8" + (f", {stage} fp32" if stage else "")
+        int8, quantise_s[name] = _int8_runtime(folder / "model.onnx", calibration, threads, stage)
+        models[name] = build_litemedsam_backbone(device="cpu", encoder_runtime="torch")
+        models[name].encoder = int8
 
     data = sample_data_dir()
     lung = read_volume(data / CASES["lung1"][0])
@@ -148,9 +180,9 @@ def main() -> None:
         rows.append(row)
     for row in rows:
         row["dice_within_0.005"] = all(abs(row[f"dice_{c}"] - rows[0][f"dice_{c}"]) <= 0.005 for c in CASES)
-    write_results("encoder_int8_cpu", {"runs": rows, "quantise_s": quantise_s, "calibration_slices": len(calibration),
-                                       "torch_threads": threads, "load_average_before": load_before,
-                                       "load_average_after": os.getloadavg()})
+    write_results(args.name, {"runs": rows, "quantise_s": quantise_s, "calibration_slices": len(calibration),
+                              "cpu_int8_bf16_instructions": _cpu_instructions(), "torch_threads": threads,
+                              "load_average_before": load_before, "load_average_after": os.getloadavg()})
     print(markdown_table(["runtime", "ms/slice", "speed-up vs torch", "rel. L2 vs torch", "Dice lung1", "Dice brain1",
                           "Dice within 0.005"],
                          [[r["runtime"], f"{r['ms_per_slice']:.0f}", f"{r['speedup_vs_torch']:.2f}x",
