@@ -11,12 +11,15 @@ torch fp32, OpenVINO fp32 (the cached export, as ``auto`` runs it), OpenVINO int
 ``quantize`` with the transformer preset, calibrated on slices that are **not** the cases scored:
 hard cardiac phantoms and the Colin27 template crop), and with ``--keep-fp32 STAGE ...`` one more
 int8 row per stage whose matrix products and convolutions stay fp32 (a stage is a name prefix of the
-exported graph, e.g. ``layers.0``: which part of the encoder the int8 error comes from). Each row's features are compared with torch's
+exported graph, e.g. ``layers.0``: which part of the encoder the int8 error comes from). With
+``--heldout`` every row also segments the held-out cases of ``bench_correction_validation.py`` (one
+box each; never lung1/brain1) and reports its largest Dice change against torch there: a runtime
+that keeps Dice on the two bundled cases by chance does not keep it there. Each row's features are compared with torch's
 (relative L2) and each row segments both bundled cases from the demo's box (3D Dice, change from
 torch). Needs ``pip install nncf`` (not a dependency of SSS).
 
     python benchmarks/bench_encoder_int8.py [--rounds 6] [--calibration 38] [--keep-fp32 layers.0 ...]
-        [--name encoder_int8_cpu]
+        [--heldout] [--name encoder_int8_cpu]
 
 Writes ``results/NAME.json`` (with the CPU's int8/bf16 instruction sets) and prints a markdown table.
 """
@@ -121,6 +124,10 @@ def main() -> None:
     ap.add_argument("--keep-fp32", nargs="*", default=[], metavar="STAGE",
                     help="one more int8 row per stage kept in fp32 (e.g. layers.0)")
     ap.add_argument("--name", default="encoder_int8_cpu", help="results file name (default encoder_int8_cpu)")
+    ap.add_argument("--heldout", action="store_true",
+                    help="also segment the held-out validation cases of bench_correction_validation.py (one box "
+                         "each) with every runtime: whether a Dice kept on lung1/brain1 holds elsewhere")
+    ap.add_argument("--pyradiomics-data", default=None, help="see bench_correction_validation.py")
     args = ap.parse_args()
 
     import torch
@@ -180,14 +187,26 @@ def main() -> None:
         rows.append(row)
     for row in rows:
         row["dice_within_0.005"] = all(abs(row[f"dice_{c}"] - rows[0][f"dice_{c}"]) <= 0.005 for c in CASES)
+    if args.heldout:
+        from bench_correction_validation import AAL_REGIONS, PYRADIOMICS_CASES, load_cases
+
+        for case, image, truth in load_cases(list(PYRADIOMICS_CASES) + list(AAL_REGIONS), args.pyradiomics_data):
+            prompts = box_prompt_from_label(truth)
+            for row in rows:
+                result = SegmentationSession(image, models[row["runtime"]], slice_axis=prompts.slice_axis).segment(prompts)
+                row.setdefault("heldout_dice", {})[case] = dice(result.labels.voxels == 1, truth.voxels == 1)
+        for row in rows:
+            row["heldout_max_abs_dice_change"] = max(abs(d - rows[0]["heldout_dice"][c])
+                                                     for c, d in row["heldout_dice"].items())
     write_results(args.name, {"runs": rows, "quantise_s": quantise_s, "calibration_slices": len(calibration),
                               "cpu_int8_bf16_instructions": _cpu_instructions(), "torch_threads": threads,
                               "load_average_before": load_before, "load_average_after": os.getloadavg()})
     print(markdown_table(["runtime", "ms/slice", "speed-up vs torch", "rel. L2 vs torch", "Dice lung1", "Dice brain1",
-                          "Dice within 0.005"],
+                          "Dice within 0.005"] + (["held-out: largest Dice change"] if args.heldout else []),
                          [[r["runtime"], f"{r['ms_per_slice']:.0f}", f"{r['speedup_vs_torch']:.2f}x",
                            f"{r['rel_l2_vs_torch']:.2g}", f"{r['dice_lung1']:.4f}", f"{r['dice_brain1']:.4f}",
-                           "yes" if r["dice_within_0.005"] else "no"] for r in rows]))
+                           "yes" if r["dice_within_0.005"] else "no"]
+                          + ([f"{r['heldout_max_abs_dice_change']:.3f}"] if args.heldout else []) for r in rows]))
 
 
 if __name__ == "__main__":
