@@ -14,7 +14,8 @@ are not embedded yet, in the service's order (:func:`~sss_lib.service.prefetch.s
 the key slices' extent). That time is its own column ("prefetch"); the re-run column is then the
 correction's own cost, as a user of the service waits for it.
 
-Reported per round: 3D Dice, the corrected slice's Dice before and after, the run's wall time and
+Reported per round: 3D Dice, the corrected slice's Dice before and after (and in the JSON each lesion
+slice's Dice and voxel counts, truth and predicted, from one slice below to one above), the run's wall time and
 process CPU time (less sensitive to a shared machine's load), slices recomputed, slices newly
 embedded by the run, decodes made and decodes reused from the last run
 (:mod:`sss_lib.backbones.decode_memo`), and the prefetch after it (wall, CPU, slices). The 3D Dice
@@ -88,6 +89,15 @@ def prefetch(session, prompts) -> dict:
             "prefetch_cpu_seconds": time.process_time() - c0}
 
 
+def per_slice(pred: np.ndarray, truth: np.ndarray) -> list[dict]:
+    """Dice, truth voxels and predicted voxels of each slice from one below the lesion to one above it:
+    where a round's 3D change comes from."""
+    lesion = np.flatnonzero(truth.reshape(len(truth), -1).any(axis=1))
+    lo, hi = max(int(lesion.min()) - 1, 0), min(int(lesion.max()) + 1, len(truth) - 1)
+    return [{"slice": s, "dice": slice_dice(pred[s], truth[s]), "truth_voxels": int(truth[s].sum()),
+             "predicted_voxels": int(pred[s].sum())} for s in range(lo, hi + 1)]
+
+
 def run_case(name: str, stem: str, backbone, rounds: int, ahead: bool = True) -> dict:
     from sss_lib.correction_sim import apply_correction, next_correction
     from sss_lib.demo import box_prompt_from_label, sample_data_dir
@@ -112,7 +122,7 @@ def run_case(name: str, stem: str, backbone, rounds: int, ahead: bool = True) ->
         "dice_3d": float(dice(pred, truth)), "seconds": count.seconds, "cpu_seconds": count.cpu,
         "recomputed_slices": result.recomputed_slices.get(1, []),
         "embedded": result.embeddings_computed, "decoded": count.decoded, "decodes_reused": count.reused,
-        "slice_dice_before": None, "slice_dice_after": None,
+        "slice_dice_before": None, "slice_dice_after": None, "per_slice": per_slice(pred, truth),
         **(prefetch(session, prompts) if ahead and rounds > 0 else no_prefetch),
     }]
     done = {p.key_slice for p in prompts.classes[0].prompts}
@@ -137,7 +147,7 @@ def run_case(name: str, stem: str, backbone, rounds: int, ahead: bool = True) ->
             "recomputed_slices": result.recomputed_slices.get(1, []),
             "embedded": result.embeddings_computed, "decoded": count.decoded, "decodes_reused": count.reused,
             "slice_dice_before": before, "slice_dice_after": slice_dice(pred[s], truth[s]),
-            "slices_unchanged": len(unchanged),
+            "slices_unchanged": len(unchanged), "per_slice": per_slice(pred, truth),
             **(prefetch(session, prompts) if ahead and r < rounds else no_prefetch),
         })
     lesion = np.flatnonzero(truth.reshape(len(truth), -1).any(axis=1)).tolist()
@@ -183,6 +193,13 @@ def main() -> None:
     means = [float(np.mean([case["rounds"][r]["dice_3d"] for case in cases]))
              for r in range(min(len(case["rounds"]) for case in cases))]
     md = markdown_table(headers, table)
+    md += "\n\nPer slice after each round: Dice (truth voxels / predicted voxels)\n"
+    for case in cases:
+        slices = [p["slice"] for p in case["rounds"][0]["per_slice"]]
+        md += "\n" + markdown_table(["case", "round"] + [f"slice {k}" for k in slices],
+                                     [[case["case"], row["round"]] + [f"{p['dice']:.2f} ({p['truth_voxels']}/{p['predicted_voxels']})"
+                                                                      for p in row["per_slice"]]
+                                      for row in case["rounds"]]) + "\n"
     md += ("\n\nmean 3D Dice per round: " + " -> ".join(f"{m:.3f}" for m in means)
            + f"\n\nre-runs: max {max(reruns):.2f} s, mean {np.mean(reruns):.2f} s wall (target <= {TARGET_RERUN_S} s);"
            f" process CPU max {max(rerun_cpu):.2f} s, mean {np.mean(rerun_cpu):.2f} s"
