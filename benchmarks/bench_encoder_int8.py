@@ -14,9 +14,9 @@ int8 row per stage whose matrix products and convolutions stay fp32 (a stage is 
 exported graph, e.g. ``layers.0``: which part of the encoder the int8 error comes from). With
 ``--heldout`` every row also segments the held-out cases of ``bench_correction_validation.py`` (one
 box each; never lung1/brain1) and reports its largest Dice change against torch there: a runtime
-that keeps Dice on the two bundled cases by chance does not keep it there. Each row's features are compared with torch's
-(relative L2) and each row segments both bundled cases from the demo's box (3D Dice, change from
-torch). Needs ``pip install nncf`` (not a dependency of SSS).
+that keeps Dice on the two bundled cases by chance does not keep it there. Each row's features are
+compared with torch's (relative L2) and each row segments both bundled cases from the demo's box
+(3D Dice, change from torch). Needs ``pip install nncf`` (not a dependency of SSS).
 
     python benchmarks/bench_encoder_int8.py [--rounds 6] [--calibration 38] [--keep-fp32 layers.0 ...]
         [--heldout] [--name encoder_int8_cpu]
@@ -190,11 +190,19 @@ def main() -> None:
     if args.heldout:
         from bench_correction_validation import AAL_REGIONS, PYRADIOMICS_CASES, load_cases
 
+        from sss_lib.embedding_cache import EmbeddingStore
+
+        # One store per runtime: the four AAL regions share one image, so each runtime embeds it once.
+        stores = {row["runtime"]: EmbeddingStore(max_volumes=1) for row in rows}
         for case, image, truth in load_cases(list(PYRADIOMICS_CASES) + list(AAL_REGIONS), args.pyradiomics_data):
             prompts = box_prompt_from_label(truth)
             for row in rows:
-                result = SegmentationSession(image, models[row["runtime"]], slice_axis=prompts.slice_axis).segment(prompts)
+                session = SegmentationSession(image, models[row["runtime"]], slice_axis=prompts.slice_axis,
+                                              store=stores[row["runtime"]])
+                result = session.segment(prompts)
                 row.setdefault("heldout_dice", {})[case] = dice(result.labels.voxels == 1, truth.voxels == 1)
+        for store in stores.values():
+            store.close()
         for row in rows:
             row["heldout_max_abs_dice_change"] = max(abs(d - rows[0]["heldout_dice"][c])
                                                      for c, d in row["heldout_dice"].items())
