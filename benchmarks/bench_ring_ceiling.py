@@ -13,8 +13,8 @@ training can change:
   averaged to the grid, bilinear back to 256, cropped, bilinear to the slice, argmax): the coarse
   head's 64x64 grid and the mask decoder's 256x256 grid. A perfect model on that grid scores this;
   the coarse classes (``sss_lib/class_source.py``) are bounded by the 64x64 one;
-* **one-pixel shift**: the Dice of the truth shifted by one slice pixel, how much a one-pixel
-  boundary error costs a wall this thin.
+* **one-pixel shift**: the Dice (``sss_lib.metrics.dice``) of the truth shifted by one slice
+  pixel, how much a one-pixel boundary error costs a wall this thin.
 
 Run::
 
@@ -34,7 +34,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import markdown_table, write_results  # noqa: E402
 
-CLASS_NAMES = {1: "RV", 2: "Myo", 3: "LV"}
+from sss_lib.metrics import dice  # noqa: E402
+from sss_lib.phantoms_cardiac import CLASS_NAMES, make_hard_cardiac_case  # noqa: E402
+
 GRIDS = {"coarse head (64x64)": 64, "mask decoder (256x256)": 256}
 #: The protocol's grids (bench_ssl_protocol.py's REDUCED and FULL presets).
 SIZES = {"reduced (80 px, 160 mm crop)": dict(size=(80, 80), fov_mm=160.0, n_slices=8),
@@ -66,11 +68,6 @@ def grid_round_trip(labels: np.ndarray, grid: int) -> np.ndarray:
     return back.argmax(dim=1).numpy().astype(labels.dtype)
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 2.0 * int(np.logical_and(a, b).sum()) / total if total else float("nan")
-
-
 def wall_thickness_px(myo: np.ndarray) -> list[float]:
     """Per slice with Myo: 2 x area / boundary length (a ring of width t and length L has area t L
     and boundary 2 L), in pixels."""
@@ -87,8 +84,6 @@ def wall_thickness_px(myo: np.ndarray) -> list[float]:
 
 
 def measure(n_cases: int, seed0: int) -> dict[str, Any]:
-    from sss_lib.phantoms_cardiac import make_hard_cardiac_case
-
     results: dict[str, Any] = {}
     for size_name, kwargs in SIZES.items():
         rows: dict[str, list[float]] = {"thickness_px": [], "myo_mixed_share": [], "pixel_mm": []}
