@@ -121,7 +121,8 @@ def table(results: dict[str, Any]) -> str:
         row = [size_name, f"{r['pixel_mm']['mean']:.2f}",
                f"{r['thickness_px']['mean']:.1f} ({r['thickness_px']['min']:.1f}-{r['thickness_px']['max']:.1f})",
                f"{r['myo_mixed_share']['mean']:.2f}"]
-        row += [f"{r[f'{g}/{c}']['mean']:.3f} (min {r[f'{g}/{c}']['min']:.3f})" for g in GRIDS for c in CLASS_NAMES.values()]
+        row += [f"{r[f'{g}/{c}']['mean']:.3f} (min {r[f'{g}/{c}']['min']:.3f})"
+                for g in GRIDS for c in CLASS_NAMES.values()]
         row.append(f"{r['shift/Myo']['mean']:.3f}")
         rows.append(row)
     return markdown_table(headers, rows)
@@ -130,14 +131,16 @@ def table(results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", type=int, default=20, help="phantom cases per grid")
-    ap.add_argument("--seed", type=int, default=200, help="dataset seed; case c is seed*1000+c (200: the protocol's test split)")
+    ap.add_argument("--seed", type=int, default=200,
+                    help="dataset seed; case c is seed*1000+c (200: the protocol's test split)")
     ap.add_argument("--name", default="ring_ceiling")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     results = measure(args.cases, args.seed)
     md = table(results)
-    write_results(args.name, {"settings": vars(args), "sizes": {k: {kk: str(vv) for kk, vv in v.items()} for k, v in SIZES.items()},
-                              "results": results, "seconds": time.perf_counter() - t0})
+    sizes = {k: {kk: str(vv) for kk, vv in v.items()} for k, v in SIZES.items()}
+    write_results(args.name, {"settings": vars(args), "sizes": sizes, "results": results,
+                              "seconds": time.perf_counter() - t0})
     (Path(__file__).resolve().parent / "results" / f"{args.name}.md").write_text(md + "\n")
     print(md)
     return 0
